@@ -1,1 +1,1 @@
-"""robolearn."""
+"""Controllers: Cartesian impedance, operational space, differential IK, and the safety layer."""

@@ -1,1 +1,1 @@
-"""robolearn."""
+"""Demonstrations: teleop devices, the recorder, and the episode dataset format."""

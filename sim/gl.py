@@ -20,3 +20,14 @@ def choose_mujoco_gl() -> str:
     if backend in ("egl", "osmesa"):
         os.environ.setdefault("PYOPENGL_PLATFORM", backend)
     return backend
+
+
+def check_headless_context() -> None:
+    """Raise a clear error if mujoco was imported with GLFW where there is no display."""
+    import mujoco
+
+    ctx = getattr(mujoco, "GLContext", None)
+    if ctx is not None and ctx.__module__.endswith("glfw") and not os.environ.get("DISPLAY"):
+        raise RuntimeError("mujoco was imported before robolearn.sim could choose a headless GL backend, and "
+                           "there is no display: set MUJOCO_GL=osmesa (CPU) or MUJOCO_GL=egl (GPU) in the "
+                           "environment, or import robolearn.sim before mujoco")

@@ -18,6 +18,7 @@ import numpy as np
 from robolearn.controllers.impedance import ImpedanceConfig, configure_native, nullspace_posture_torque
 from robolearn.controllers.kinematics import Arm
 from robolearn.controllers.safety import SafetyConfig, clamp_tool_target, require_shape
+from robolearn.sim.gl import check_headless_context
 from robolearn.sim.model import ASSETS, compile_spec, load_spec
 from robolearn.sim.resets import ResetConfig, SimReset
 
@@ -122,6 +123,7 @@ class PandaEnv(gym.Env):
         if self._renderer is None or self._renderer.height != size:
             if self._renderer is not None:
                 self._renderer.close()
+            check_headless_context()
             self._renderer = mujoco.Renderer(self.model, size, size)
         self._renderer.update_scene(self.data, camera=camera)
         return self._renderer.render()

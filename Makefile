@@ -1,0 +1,63 @@
+# Two commands do everything on a fresh machine:
+#   make demo   the main job (scripted pick-cube expert in simulation, success rate + an mp4)
+#   make test   the test suite
+# Both create .venv and install what is missing, Debian packages included (apt-get when root).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.robolearn-installed
+# libosmesa6: headless MuJoCo rendering on CPU; libusb-1.0-0: pyrealsense2.
+APT_PACKAGES := libosmesa6 libusb-1.0-0
+# A pinned torch: on machines that carry its CPU wheel pip takes that one; elsewhere PyPI's
+# build (CUDA on Linux x86_64). Override for another index, e.g. TORCH_SPEC="torch==2.13.0 --index-url URL".
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test,ros,realsense
+
+# Every process the tests start keeps DDS on loopback, in a domain of its own.
+export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
+export ROS_LOCALHOST_ONLY := 1
+
+.PHONY: demo test setup sysdeps bench clean
+
+demo: setup
+	$(VENV)/bin/robolearn rollout --env robolearn/PandaPickCube-v0 --policy scripted \
+		--episodes 100 --video runs/demo/pick_cube_scripted.mp4
+	@echo "demo video: runs/demo/pick_cube_scripted.mp4"
+
+test: setup
+	@export ROS_DOMAIN_ID=$$(( RANDOM % 200 + 20 )); \
+	$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no tests; that is a failure" >&2; fi; \
+	exit $$rc
+
+bench: setup
+	$(PY) bench/sim_throughput.py
+
+setup: sysdeps $(STAMP)
+
+sysdeps:
+	@command -v dpkg >/dev/null || { echo "sysdeps: not a Debian system; install the equivalents of: $(APT_PACKAGES)"; exit 0; }; \
+	missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	[ -z "$$missing" ] && exit 0; \
+	if [ "$$(id -u)" = 0 ]; then \
+		echo "sysdeps: apt-get install$$missing"; \
+		apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq >/dev/null && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null; \
+	else \
+		echo "robolearn needs Debian packages that are missing:$$missing" >&2; \
+		echo "install them with:  sudo apt-get install -y$$missing   then run make again" >&2; exit 1; \
+	fi
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "robolearn needs Python >= 3.11 ($(PYTHON) is older); run: make PYTHON=python3.11" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $@
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info .pytest_cache .hypothesis
