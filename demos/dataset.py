@@ -1,0 +1,421 @@
+"""The episode dataset: a directory of `meta.json` plus one HDF5 file per episode.
+
+Each episode is written into a hidden `.episode_NNNNNN.h5.partial` file and renamed to
+`episode_NNNNNN.h5` (after fsync) only when it ends, so a crash, even kill -9, loses at most the
+episode being recorded; readers never look at `.partial` files. The format is in docs/dataset.md.
+No pickle: HDF5 arrays and JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import h5py
+import numpy as np
+
+FORMAT_VERSION = 1
+META = "meta.json"
+STEP_KEYS = ("action", "reward", "terminated", "truncated", "success", "intervention", "timestamp")
+STEP_DTYPES = {"action": np.float32, "reward": np.float32, "terminated": np.bool_, "truncated": np.bool_,
+               "success": np.bool_, "intervention": np.bool_, "timestamp": np.float64}
+_EPISODE_RE = re.compile(r"^episode_(\d{6,})\.h5$")
+_FLUSH_EVERY = 64  # steps buffered in memory between writes to the partial file
+
+
+class DatasetError(Exception):
+    """A dataset that cannot be read or written as asked: corrupt file, spec mismatch, bad meta."""
+
+
+# -- small file helpers (robolearn.replay uses them too) -------------------------------------
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or directory by path (a directory fsync makes a rename durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_file(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Make `tmp` durable, rename it over `final` atomically, and make the rename durable."""
+    fsync_path(tmp)
+    os.replace(tmp, final)
+    fsync_path(os.path.dirname(os.path.abspath(final)))
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    commit_file(tmp, path)
+
+
+def episode_filename(index: int) -> str:
+    return f"episode_{index:06d}.h5"
+
+
+# -- specs --------------------------------------------------------------------------------
+
+def _bound(x: float) -> float | str:
+    # JSON has no infinity; unbounded action dimensions are written as the strings "inf"/"-inf".
+    return float(x) if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+
+def observation_spec(observation_space) -> dict[str, dict]:
+    """{key: {"shape": [...], "dtype": "float32"}} from a gymnasium Dict space (or a mapping of Boxes)."""
+    spaces = getattr(observation_space, "spaces", observation_space)
+    if not isinstance(spaces, Mapping):
+        raise DatasetError(f"observation space must be a Dict of Boxes, got {observation_space}")
+    return {k: {"shape": [int(d) for d in s.shape], "dtype": np.dtype(s.dtype).name} for k, s in spaces.items()}
+
+
+def action_spec(action_space) -> dict:
+    """{"shape", "dtype", "low", "high"} of a Box action space."""
+    if not hasattr(action_space, "low"):
+        raise DatasetError(f"action space must be a Box, got {action_space}")
+    return {"shape": [int(d) for d in action_space.shape], "dtype": np.dtype(action_space.dtype).name,
+            "low": [_bound(x) for x in np.ravel(action_space.low)],
+            "high": [_bound(x) for x in np.ravel(action_space.high)]}
+
+
+def _compare(expected: Any, got: Any, field: str, where: str, ours: str, theirs: str) -> None:
+    if expected != got:
+        raise DatasetError(f"{where}: field {field!r} is {expected!r} in {ours} but {got!r} in {theirs}")
+
+
+def compare_observation_specs(dataset_spec: Mapping, env_spec: Mapping, where: str,
+                              theirs: str = "the environment") -> None:
+    """Raise DatasetError naming the first observation key whose presence, shape or dtype differs."""
+    for key in sorted(set(dataset_spec) | set(env_spec)):
+        if key not in env_spec:
+            raise DatasetError(f"{where}: observation key {key!r} is in the dataset but not in {theirs} "
+                               f"(keys: {sorted(env_spec)})")
+        if key not in dataset_spec:
+            raise DatasetError(f"{where}: observation key {key!r} is in {theirs} but not in the dataset "
+                               f"(keys: {sorted(dataset_spec)})")
+        ours = (tuple(dataset_spec[key]["shape"]), str(dataset_spec[key]["dtype"]))
+        other = (tuple(env_spec[key]["shape"]), str(env_spec[key]["dtype"]))
+        for attr, a, b in zip(("shape", "dtype"), ours, other):
+            if a != b:
+                raise DatasetError(f"{where}: observation {key!r} has {attr} {a} in the dataset but {b} in {theirs}")
+
+
+# -- writing ------------------------------------------------------------------------------
+
+class DatasetWriter:
+    """Creates or appends to a dataset directory; one episode at a time, each committed atomically."""
+
+    def __init__(self, path: str | os.PathLike, env_id: str, observation_space, action_space, fps: float,
+                 robot: str = "panda", cameras: list[str] | tuple[str, ...] | None = None,
+                 compression: str | None = "gzip"):
+        self.path = Path(path)
+        self.env_id, self.fps = str(env_id), float(fps)
+        self.obs_spec, self.act_spec = observation_spec(observation_space), action_spec(action_space)
+        if cameras is None:
+            cameras = [k.split("/", 1)[1] for k in self.obs_spec if k.startswith("images/")]
+        self.compression = compression
+        meta = {"format_version": FORMAT_VERSION, "env_id": self.env_id, "fps": self.fps,
+                "robot": str(robot), "cameras": list(cameras), "observation": self.obs_spec,
+                "action": self.act_spec, "created": _now_iso()}
+        self.path.mkdir(parents=True, exist_ok=True)
+        meta_path = self.path / META
+        if meta_path.exists():
+            self.meta = _read_meta(self.path)
+            self._check_meta(self.meta, meta)
+        else:
+            write_json_atomic(meta_path, meta)
+            self.meta = meta
+        indices = [i for i, _ in _list_episodes(self.path)]
+        self.next_index = max(indices) + 1 if indices else 0
+        self._file: h5py.File | None = None
+
+    def _check_meta(self, old: dict, new: dict) -> None:
+        where = f"{self.path / META}"
+        for field in ("format_version", "env_id", "robot", "cameras", "fps"):
+            _compare(old.get(field), new[field], field, where, "the existing meta.json", "this writer")
+        for field in ("shape", "dtype", "low", "high"):
+            _compare(old["action"].get(field), new["action"][field], f"action.{field}", where,
+                     "the existing meta.json", "this writer")
+        compare_observation_specs(old["observation"], new["observation"], where, "this writer")
+
+    # -- episode lifecycle ---------------------------------------------------------------
+    @property
+    def recording(self) -> bool:
+        return self._file is not None
+
+    def begin_episode(self, first_obs: Mapping[str, np.ndarray], **attrs) -> None:
+        """Start an episode at its first observation; extra JSON-able `attrs` are stored on the file."""
+        if self._file is not None:
+            raise DatasetError(f"{self.path}: an episode is in progress; end_episode() or discard_episode() first")
+        first = {k: [self._check_obs(first_obs, k)] for k in self.obs_spec}  # validate before any file exists
+        self.index = self.next_index
+        self._tmp = self.path / f".{episode_filename(self.index)}.partial"
+        f = h5py.File(self._tmp, "w")
+        try:
+            for key, spec in self.obs_spec.items():
+                shape, dtype = tuple(spec["shape"]), np.dtype(spec["dtype"])
+                image = dtype == np.uint8 and len(shape) == 3
+                opts = dict(compression=self.compression) if image and self.compression else {}
+                if self.compression == "gzip" and image:
+                    opts["compression_opts"] = 4
+                row_bytes = max(1, dtype.itemsize * int(np.prod(shape)))
+                chunks = (1, *shape) if image else (max(1, min(256, 2**20 // row_bytes)), *shape)
+                f.create_dataset(f"obs/{key}", shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
+                                 chunks=chunks, **opts)
+            for key in STEP_KEYS:
+                shape = tuple(self.act_spec["shape"]) if key == "action" else ()
+                f.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape), dtype=STEP_DTYPES[key],
+                                 chunks=(256, *shape))
+            f.attrs["env_id"] = self.env_id
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["attrs"] = json.dumps(attrs)
+        except BaseException:
+            f.close()
+            os.unlink(self._tmp)
+            raise
+        self._file = f
+        self._steps = 0
+        self._pending_obs = first
+        self._pending = {k: [] for k in STEP_KEYS}
+
+    def _check_obs(self, obs: Mapping[str, np.ndarray], key: str) -> np.ndarray:
+        if key not in obs:
+            raise DatasetError(f"{self.path}: observation is missing key {key!r} (has {sorted(obs)})")
+        value, spec = np.asarray(obs[key]), self.obs_spec[key]
+        if list(value.shape) != spec["shape"]:
+            raise DatasetError(f"{self.path}: observation {key!r} has shape {value.shape}, "
+                               f"the dataset expects {tuple(spec['shape'])}")
+        return value.astype(spec["dtype"], copy=True)
+
+    def add_step(self, action, obs: Mapping[str, np.ndarray], reward: float, terminated: bool, truncated: bool,
+                 success: bool, intervention: bool = False, timestamp: float | None = None) -> None:
+        """Record one step: the action taken and what followed it (obs is the observation after it)."""
+        if self._file is None:
+            raise DatasetError(f"{self.path}: add_step() before begin_episode()")
+        a = np.asarray(action, dtype=np.float32)
+        if list(a.shape) != self.act_spec["shape"]:
+            raise DatasetError(f"{self.path}: action has shape {a.shape}, the dataset expects "
+                               f"{tuple(self.act_spec['shape'])}")
+        frames = {key: self._check_obs(obs, key) for key in self.obs_spec}  # all valid, or none recorded
+        for key, value in frames.items():
+            self._pending_obs[key].append(value)
+        step = {"action": a, "reward": reward, "terminated": terminated, "truncated": truncated,
+                "success": success, "intervention": intervention,
+                "timestamp": self._steps / self.fps if timestamp is None else timestamp}
+        for key, value in step.items():
+            self._pending[key].append(value)
+        self._steps += 1
+        if len(self._pending["action"]) >= _FLUSH_EVERY:
+            self._flush()
+
+    def _flush(self) -> None:
+        f = self._file
+        for group, pending in (("obs/", self._pending_obs), ("", self._pending)):
+            for key, values in pending.items():
+                if values:
+                    ds = f[group + key]
+                    n = ds.shape[0]
+                    ds.resize(n + len(values), axis=0)
+                    ds[n:] = np.asarray(values, dtype=ds.dtype)
+                    values.clear()
+        f.flush()
+
+    def end_episode(self, success: bool | None = None) -> Path:
+        """Commit the episode; its `success` attribute defaults to the last step's success flag."""
+        if self._file is None:
+            raise DatasetError(f"{self.path}: end_episode() without an episode in progress")
+        if self._steps == 0:
+            raise DatasetError(f"{self.path}: the episode has no steps; call discard_episode() instead")
+        self._flush()
+        f = self._file
+        last_success = bool(f["success"][-1])
+        f.attrs["length"] = self._steps
+        f.attrs["success"] = last_success if success is None else bool(success)
+        f.close()
+        self._file = None
+        final = self.path / episode_filename(self.index)
+        if final.exists():
+            os.unlink(self._tmp)
+            raise DatasetError(f"{final} appeared while this episode was recorded: two writers on one dataset?")
+        commit_file(self._tmp, final)
+        self.next_index = self.index + 1
+        return final
+
+    def discard_episode(self) -> None:
+        """Drop the episode in progress (nothing is written); a no-op when none is."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            os.unlink(self._tmp)
+
+    def close(self) -> None:
+        """Discards an episode still in progress: only ended episodes belong to the dataset."""
+        self.discard_episode()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# -- reading ------------------------------------------------------------------------------
+
+def _read_meta(path: Path) -> dict:
+    meta_path = path / META
+    if not meta_path.exists():
+        raise DatasetError(f"{path}: not a robolearn dataset (no {META})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"{meta_path}: unreadable ({err})") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DatasetError(f"{meta_path}: format_version {version!r}; this robolearn reads {FORMAT_VERSION}")
+    for field in ("env_id", "fps", "observation", "action"):
+        if field not in meta:
+            raise DatasetError(f"{meta_path}: missing field {field!r}")
+    return meta
+
+
+def _list_episodes(path: Path) -> list[tuple[int, Path]]:
+    found = []
+    for entry in os.scandir(path):
+        m = _EPISODE_RE.match(entry.name)
+        if m and entry.is_file():
+            found.append((int(m.group(1)), Path(entry.path)))
+    return sorted(found)
+
+
+class Dataset:
+    """A read-only view of a dataset directory; episodes sorted by index, corrupt ones skipped."""
+
+    def __init__(self, path: str | os.PathLike, strict: bool = False):
+        self.path = Path(path)
+        self.meta = _read_meta(self.path)
+        self.strict = strict
+        self.paths: list[Path] = []
+        self.lengths: list[int] = []
+        for _, file in _list_episodes(self.path):
+            try:
+                self.lengths.append(self._validate(file))
+                self.paths.append(file)
+            except DatasetError as err:
+                if strict:
+                    raise
+                warnings.warn(f"skipping episode file: {err}", stacklevel=2)
+
+    @property
+    def env_id(self) -> str:
+        return self.meta["env_id"]
+
+    @property
+    def fps(self) -> float:
+        return float(self.meta["fps"])
+
+    @property
+    def observation_spec(self) -> dict:
+        return self.meta["observation"]
+
+    @property
+    def action_spec(self) -> dict:
+        return self.meta["action"]
+
+    @property
+    def num_steps(self) -> int:
+        return int(sum(self.lengths))
+
+    def _validate(self, file: Path) -> int:
+        """Open a file and check its structure (not every byte of data); returns its length."""
+        try:
+            with h5py.File(file, "r") as f:
+                length = int(f.attrs["length"])
+                for key, spec in self.observation_spec.items():
+                    ds = f[f"obs/{key}"]
+                    if ds.shape != (length + 1, *spec["shape"]):
+                        raise DatasetError(f"{file}: obs/{key} has shape {ds.shape}, expected "
+                                           f"{(length + 1, *spec['shape'])}")
+                for key in STEP_KEYS:
+                    if f[key].shape[0] != length:
+                        raise DatasetError(f"{file}: {key} has {f[key].shape[0]} entries, expected {length}")
+            return length
+        except DatasetError:
+            raise
+        except Exception as err:  # h5py raises OSError/KeyError/ValueError for damaged files
+            raise DatasetError(f"{file}: corrupt or truncated episode file ({type(err).__name__}: {err})") from None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def episode(self, i: int) -> dict[str, Any]:
+        """{"obs": {key: (T+1, ...)}, "action": (T, A), "reward", "terminated", ... : (T,)}."""
+        file = self.paths[i]
+        try:
+            with h5py.File(file, "r") as f:
+                ep: dict[str, Any] = {"obs": {k: f[f"obs/{k}"][()] for k in self.observation_spec}}
+                for key in STEP_KEYS:
+                    ep[key] = f[key][()]
+            return ep
+        except Exception as err:
+            raise DatasetError(f"{file}: corrupt episode data ({type(err).__name__}: {err})") from None
+
+    def episode_attrs(self, i: int) -> dict[str, Any]:
+        """length, success, env_id and any extra attributes given to begin_episode."""
+        with h5py.File(self.paths[i], "r") as f:
+            extra = json.loads(f.attrs.get("attrs", "{}"))
+            return {**extra, "length": int(f.attrs["length"]), "success": bool(f.attrs["success"]),
+                    "env_id": str(f.attrs["env_id"])}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i in range(len(self)):
+            yield self.episode(i)
+
+    def check_compatible(self, env) -> None:
+        """Raise DatasetError naming the observation key or action shape that differs from `env`'s."""
+        where = f"dataset {self.path}"
+        compare_observation_specs(self.observation_spec, observation_spec(env.observation_space), where)
+        got = [int(d) for d in env.action_space.shape]
+        if list(self.action_spec["shape"]) != got:
+            raise DatasetError(f"{where}: action shape {tuple(self.action_spec['shape'])} in the dataset but "
+                               f"{tuple(got)} in the environment")
+
+
+# -- scripted demonstrations --------------------------------------------------------------
+
+def _env_id(env) -> str:
+    if getattr(env, "spec", None) is not None and env.spec.id:
+        return env.spec.id
+    return getattr(env.unwrapped, "env_id", type(env.unwrapped).__name__)
+
+
+def write_expert_episodes(env, policy: Callable[[dict], np.ndarray], path: str | os.PathLike, episodes: int,
+                          seed: int = 0, robot: str = "panda") -> list[Path]:
+    """Run `policy` for `episodes` episodes (reset seeds seed, seed+1, ...) and append them to `path`."""
+    fps = env.metadata.get("render_fps") or 10
+    writer = DatasetWriter(path, _env_id(env), env.observation_space, env.action_space, fps=fps, robot=robot)
+    written = []
+    with writer:
+        for ep in range(episodes):
+            obs, _ = env.reset(seed=seed + ep)
+            writer.begin_episode(obs, seed=seed + ep)
+            done = False
+            while not done:
+                action = policy(obs)
+                obs, reward, terminated, truncated, info = env.step(action)
+                writer.add_step(action, obs, reward, terminated, truncated, bool(info.get("success", False)))
+                done = terminated or truncated
+            written.append(writer.end_episode())
+    return written
