@@ -76,6 +76,22 @@ def orientation_error(target_quat: np.ndarray, current_quat: np.ndarray) -> np.n
     return vel
 
 
+def pose_error(arm: Arm, data: mujoco.MjData, target_pos: np.ndarray, target_quat: np.ndarray) -> np.ndarray:
+    """6-vector (position; rotation vector) that takes the tool site to the target pose, world axes."""
+    err = np.empty(6)
+    err[:3] = np.asarray(target_pos, dtype=float) - data.site_xpos[arm.site_id]
+    err[3:] = orientation_error(np.asarray(target_quat, dtype=float), arm.tool_quat(data))
+    return err
+
+
+def quat_to_mat(quat: np.ndarray) -> np.ndarray:
+    """3 x 3 rotation matrix of a (w, x, y, z) quaternion, normalized first as MuJoCo does for mocap."""
+    q = np.asarray(quat, dtype=float)
+    mat = np.empty(9)
+    mujoco.mju_quat2Mat(mat, q / np.linalg.norm(q))
+    return mat.reshape(3, 3)
+
+
 def clip_norm(vec: np.ndarray, max_norm: float) -> np.ndarray:
     norm = float(np.linalg.norm(vec))
     return vec * (max_norm / norm) if norm > max_norm else vec

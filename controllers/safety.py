@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mujoco
 import numpy as np
+
+from robolearn.controllers.kinematics import orientation_error
 
 
 class UnsafeCommandError(ValueError):
@@ -23,9 +26,23 @@ class SafetyConfig:
     workspace_low: tuple[float, float, float] = (0.2, -0.3, 0.0)
     workspace_high: tuple[float, float, float] = (0.6, 0.3, 0.5)
     max_translation_step: float = 0.1  # per command, from the current tool position
-    max_rotation_step: float = 0.5  # per command, from the current tool orientation
-    joint_margin: float = 0.05  # keep joint targets this far inside the model's limits
+    max_rotation_step: float = 0.5  # per command, from the current tool orientation (clamp_tool_rotation)
+    # A tool found outside the box (impedance tracking error at speed, friction on the table)
+    # has the violated wall of the target box moved inward by this many times its overshoot.
+    workspace_recovery_gain: float = 2.0
+    joint_margin: float = 0.02  # joint targets, and PandaEnv's MuJoCo limits, this far inside the range
     joint_velocity_limit: tuple[float, ...] = (2.175, 2.175, 2.175, 2.175, 2.61, 2.61, 2.61)
+
+
+def harden_joint_limits(model: mujoco.MjModel, joint_ids, cfg: SafetyConfig, timeconst: float = 0.01) -> None:
+    """Make MuJoCo's soft joint limits hold the model range: act joint_margin early, stiffer than default.
+
+    With MuJoCo's defaults (no margin, 20 ms) an impedance-driven arm pushed into a limit went up
+    to 15 mrad past it; a 10 ms constraint acting joint_margin early holds the range in all but
+    the most violent wrist slams (docs/controllers.md, "Known limits").
+    """
+    model.jnt_margin[joint_ids] = cfg.joint_margin
+    model.jnt_solref[joint_ids] = (timeconst, 1.0)
 
 
 def require_finite(values, what: str) -> np.ndarray:
@@ -33,12 +50,13 @@ def require_finite(values, what: str) -> np.ndarray:
     arr = np.asarray(values, dtype=float)
     bad = ~np.isfinite(arr)
     if bad.any():
-        idx = np.argwhere(bad).ravel().tolist()
+        idx = np.flatnonzero(bad).tolist() if arr.ndim <= 1 else [tuple(i) for i in np.argwhere(bad).tolist()]
         raise UnsafeCommandError(f"{what} contains NaN/inf at index {idx}: {arr.tolist()}")
     return arr
 
 
 def require_shape(values, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """Return values as a finite float array of exactly `shape`, or raise naming `what`."""
     arr = np.asarray(values)
     if arr.shape != shape:
         raise UnsafeCommandError(f"{what} must have shape {shape}, got {arr.shape}")
@@ -48,13 +66,39 @@ def require_shape(values, shape: tuple[int, ...], what: str) -> np.ndarray:
 
 
 def clamp_tool_target(current_pos: np.ndarray, target_pos: np.ndarray, cfg: SafetyConfig) -> np.ndarray:
-    """Limit the step from the current tool position, then clip into the workspace box."""
+    """Limit the step from the current tool position, then clip into the workspace box.
+
+    The box only bounds the target; the tool lags it. Where the tool is already outside, the
+    violated wall moves inward by workspace_recovery_gain times the overshoot, so it is pulled back.
+    """
+    current = require_finite(current_pos, "current tool position")
     target = require_finite(target_pos, "tool target position")
-    step = target - current_pos
+    step = target - current
     norm = float(np.linalg.norm(step))
     if norm > cfg.max_translation_step:
-        target = current_pos + step * (cfg.max_translation_step / norm)
-    return np.clip(target, cfg.workspace_low, cfg.workspace_high)
+        target = current + step * (cfg.max_translation_step / norm)
+    low, high = np.asarray(cfg.workspace_low, dtype=float), np.asarray(cfg.workspace_high, dtype=float)
+    gain = cfg.workspace_recovery_gain
+    low_in = np.minimum(low + gain * np.maximum(low - current, 0.0), high)
+    high_in = np.maximum(high - gain * np.maximum(current - high, 0.0), low)
+    return np.clip(target, low_in, high_in)
+
+
+def clamp_tool_rotation(current_quat: np.ndarray, target_quat: np.ndarray, cfg: SafetyConfig) -> np.ndarray:
+    """Unit target quaternion at most max_rotation_step (rad) from the current tool orientation."""
+    target = require_finite(target_quat, "tool target orientation")
+    norm = float(np.linalg.norm(target))
+    if norm < 1e-9:
+        raise UnsafeCommandError(f"tool target orientation is not a rotation: {target.tolist()}")
+    target = target / norm
+    err = orientation_error(target, current_quat)
+    angle = float(np.linalg.norm(err))
+    if angle <= cfg.max_rotation_step:
+        return target
+    turn, out = np.empty(4), np.empty(4)
+    mujoco.mju_axisAngle2Quat(turn, err / angle, cfg.max_rotation_step)
+    mujoco.mju_mulQuat(out, turn, np.asarray(current_quat, dtype=float))
+    return out
 
 
 def clamp_joint_target(q: np.ndarray, q_target: np.ndarray, q_low: np.ndarray, q_high: np.ndarray,

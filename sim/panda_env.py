@@ -17,7 +17,7 @@ import numpy as np
 
 from robolearn.controllers.impedance import ImpedanceConfig, configure_native, nullspace_posture_torque
 from robolearn.controllers.kinematics import Arm
-from robolearn.controllers.safety import SafetyConfig, clamp_tool_target, require_shape
+from robolearn.controllers.safety import SafetyConfig, clamp_tool_target, harden_joint_limits, require_shape
 from robolearn.sim.gl import check_headless_context
 from robolearn.sim.model import ASSETS, compile_spec, load_spec
 from robolearn.sim.resets import ResetConfig, SimReset
@@ -64,6 +64,7 @@ class PandaEnv(gym.Env):
         self.data = mujoco.MjData(self.model)
         self.arm = Arm(self.model, ARM_JOINTS)
         configure_native(self.model, cfg.impedance)
+        harden_joint_limits(self.model, self.model.dof_jntid[self.arm.dof_adr], cfg.safety)
         self.n_substeps = max(1, round(1.0 / (cfg.control_hz * cfg.physics_dt)))
         self._home = self.model.key("home").id
         self._gripper = self.model.actuator("gripper").id
