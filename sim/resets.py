@@ -23,7 +23,8 @@ class ResetConfig:
     """Ranges for the random start; object ranges belong to each task's own config."""
 
     arm_joint_noise: float = 0.03  # rad, uniform per joint around the home posture
-    settle_steps: int = 25  # physics steps with the controller on before the first observation
+    settle_steps: int = 100  # physics steps (0.2 s) with the controller on before the first observation
+    box_inset: float = 0.01  # the start target is kept this far inside the workspace box
 
 
 class SimReset:
@@ -39,7 +40,10 @@ class SimReset:
         noise = rng.uniform(-self.cfg.arm_joint_noise, self.cfg.arm_joint_noise, env.arm.n)
         d.qpos[env.arm.qpos_adr] = np.clip(d.qpos[env.arm.qpos_adr] + noise, env.arm.q_low, env.arm.q_high)
         mujoco.mj_forward(m, d)
-        env.set_tool_target(np.clip(env.tool_pos(), env.cfg.safety.workspace_low, env.cfg.safety.workspace_high))
+        # The joint noise can lift the tool past the box top (home is 13 mm below it): aim inside.
+        inset = self.cfg.box_inset
+        env.set_tool_target(np.clip(env.tool_pos(), np.add(env.cfg.safety.workspace_low, inset),
+                                    np.subtract(env.cfg.safety.workspace_high, inset)))
         info = env.task.reset(env, rng) or {}
         mujoco.mj_forward(m, d)
         env.simulate(self.cfg.settle_steps)

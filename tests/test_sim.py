@@ -97,6 +97,15 @@ def test_reset_is_deterministic_under_seed(pick):
     np.testing.assert_array_equal(qa, pick.unwrapped.data.qpos)
 
 
+def test_reset_starts_inside_the_workspace_box(pick):
+    env = pick.unwrapped
+    low, high = np.asarray(env.cfg.safety.workspace_low), np.asarray(env.cfg.safety.workspace_high)
+    for seed in range(100):
+        pick.reset(seed=seed)
+        tool = env.tool_pos()
+        assert np.all(tool >= low) and np.all(tool <= high), (seed, tool)
+
+
 @pytest.mark.parametrize("env_id, episodes, required", [("robolearn/PandaReach-v0", 100, 1.0),
                                                          ("robolearn/PandaPickCube-v0", 100, 0.95)])
 def test_scripted_expert_success(env_id, episodes, required):
