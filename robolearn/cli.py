@@ -53,6 +53,60 @@ def cmd_rollout(args) -> int:
     return 0
 
 
+def _parse_overrides(items: list[str]) -> dict:
+    """KEY=VALUE pairs, values parsed as JSON where they parse (numbers, lists, true/false)."""
+    import json
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from robolearn.train import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(agent=args.agent, env=args.env, out=args.out or f"runs/{args.agent}_{args.env.split('/')[-1]}",
+                      frames=args.frames, seed=args.seed, demos=args.demos, eval_every=args.eval_every,
+                      eval_episodes=args.eval_episodes, target_success=args.target_success,
+                      checkpoint_every=args.checkpoint_every, video=not args.no_video,
+                      env_kwargs=_parse_overrides(args.env_set), agent_overrides=_parse_overrides(args.set))
+    result = train(cfg, resume=args.resume)
+    print(f"env steps: {result['env_steps']}  final eval success: {result['final_success']:.0%}  "
+          f"minutes: {result['minutes']:.1f}")
+    print(f"checkpoint:     {result['checkpoint']}")
+    print(f"learning curve: {result['curve']}")
+    if "video" in result:
+        print(f"eval video:     {result['video']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from robolearn.sim import make
+    from robolearn.train import evaluate, load_agent
+    from robolearn.video import write_mp4
+    from robolearn.checkpoint import load_checkpoint
+
+    _, _, config, _ = load_checkpoint(args.checkpoint)
+    env = make(args.env or config["env_id"], render_mode="rgb_array")
+    agent, _ = load_agent(args.checkpoint, env)
+    rate, ret, frames = evaluate(agent, env, args.episodes, seed=args.seed, record=bool(args.video))
+    print(f"{config['agent']} on {config['env_id']}: success {rate:.1%} over {args.episodes} episodes, "
+          f"mean return {ret:.2f}")
+    if args.video:
+        print(f"video of episode 0: {write_mp4(args.video, frames, env.metadata.get('render_fps', 10))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robolearn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -71,19 +125,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first episode; episode k uses seed+k")
     p.add_argument("--video", metavar="OUT.mp4", help="write the first episode to this mp4")
     p.set_defaults(func=cmd_rollout)
+
+    p = sub.add_parser("train", help="train an agent in simulation",
+                       description="Train DrQ-v2 or SERL (RLPD) in a task. Writes TensorBoard logs, checkpoints "
+                                   "(safetensors + JSON), a learning-curve PNG and an eval video under --out.")
+    p.add_argument("--agent", choices=["drqv2", "serl"], required=True)
+    p.add_argument("--env", required=True, help="env id (see `robolearn envs`)")
+    p.add_argument("--demos", help="episode dataset directory for the demo buffer (50/50 sampling)")
+    p.add_argument("--frames", type=int, default=20_000, help="env frames to train for (default: 20000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="run directory (default: runs/<agent>_<env>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--eval-every", type=int, default=2_000, help="agent steps between evaluations")
+    p.add_argument("--eval-episodes", type=int, default=20)
+    p.add_argument("--target-success", type=float, help="stop once evaluation success reaches this (0..1)")
+    p.add_argument("--checkpoint-every", type=int, default=5_000, help="agent steps between checkpoints")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="agent config field, e.g. utd_ratio=8")
+    p.add_argument("--env-set", action="append", metavar="KEY=VALUE", help="env option, e.g. image_size=64")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-video", action="store_true", help="skip the final eval video")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint",
+                       description="Run a checkpoint's policy without exploration noise; print success and return.")
+    p.add_argument("--checkpoint", required=True, help="a run dir, its checkpoints/ dir, or one step_* dir")
+    p.add_argument("--episodes", type=int, default=20)
+    p.add_argument("--env", help="env id (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=1_000_000, help="seed of the first episode")
+    p.add_argument("--video", metavar="OUT.mp4", help="write episode 0 to this mp4")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from robolearn.demos.dataset import DatasetError
+
     args = build_parser().parse_args(argv)
     if getattr(args, "episodes", 1) is not None and getattr(args, "episodes", 1) < 1:
         print("robolearn: --episodes must be at least 1", file=sys.stderr)
         return 2
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, DatasetError) as err:
         print(f"robolearn {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # a diverged run: the message names the step and last checkpoint
+        print(f"robolearn {args.command}: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -1,0 +1,333 @@
+"""The training loop every agent shares: act, store, update, evaluate, checkpoint, resume.
+
+Agents only implement act/update/state_dict (robolearn.agents.base); this loop owns the env,
+the replay buffers, counters and RNG. Steps are agent steps; frames are agent steps times the
+env's action repeat (DrQ-v2 counts frames, the Panda tasks repeat nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from robolearn import checkpoint as ckpt_io
+from robolearn.agents.errors import NonFiniteLossError
+from robolearn.replay import MixedReplay, ReplayBuffer, load_dataset
+
+
+@dataclass
+class TrainConfig:
+    """What to train, for how long, and where; `agent_overrides` set fields of the agent config."""
+
+    agent: str = "serl"
+    env: str = "robolearn/PandaPickCube-v0"
+    out: str = "runs/serl_pickcube"
+    frames: int = 20_000
+    seed: int = 0
+    demos: str | None = None
+    seed_steps: int | None = None  # uniform random actions first; None: the agent's default
+    eval_every: int = 2_000  # agent steps
+    eval_episodes: int = 20
+    target_success: float | None = None  # stop once an evaluation reaches this success rate
+    checkpoint_every: int = 5_000  # agent steps; checkpoints are taken at the next episode end
+    save_replay: bool = True  # in checkpoints, so that --resume continues exactly
+    replay_capacity: int = 1_000_000
+    video: bool = True  # an eval episode as mp4 beside the final checkpoint
+    env_kwargs: dict = field(default_factory=dict)
+    agent_overrides: dict = field(default_factory=dict)
+
+
+# -- agents --------------------------------------------------------------------------------
+
+def agent_classes(name: str):
+    if name == "serl":
+        from robolearn.agents.serl import SERLAgent, SERLConfig
+        return SERLAgent, SERLConfig
+    if name == "drqv2":
+        from robolearn.agents.drqv2 import DrQV2Agent, DrQV2Config
+        return DrQV2Agent, DrQV2Config
+    raise ValueError(f"unknown agent {name!r}; valid: drqv2, serl")
+
+
+def build_agent(name: str, env, overrides: dict, seed: int, agent_config: dict | None = None):
+    """An agent for env's spaces; agent_config (agent.config_dict() from a checkpoint) wins over defaults."""
+    agent_cls, cfg_cls = agent_classes(name)
+    if agent_config is not None:
+        cfg = cfg_cls.from_dict(agent_config["config"])
+    else:
+        base = {"seed": seed}
+        if name == "drqv2":
+            base["action_repeat"] = getattr(env.unwrapped, "action_repeat", 1)
+        valid = set(cfg_cls.__dataclass_fields__)
+        unknown = set(overrides) - valid
+        if unknown:
+            raise ValueError(f"{name}: unknown agent option(s) {sorted(unknown)}; valid: {sorted(valid)}")
+        cfg = cfg_cls.from_dict({**asdict(cfg_cls()), **base, **overrides})
+    return agent_cls(env.observation_space, env.action_space, cfg), cfg
+
+
+def loop_params(name: str, cfg, env) -> dict:
+    """Per-agent cadence: batch per update call, updates every k steps, n-step, gamma, stacking."""
+    if name == "serl":
+        return {"batch": cfg.batch_size * cfg.utd_ratio, "every": 1, "nstep": 1, "gamma": cfg.gamma,
+                "frame_stack": cfg.frame_stack, "seed_steps": 0}
+    return {"batch": cfg.batch_size, "every": cfg.update_every_steps, "nstep": cfg.nstep,
+            "gamma": cfg.discount, "frame_stack": getattr(env.unwrapped, "frame_stack", 1),
+            "seed_steps": cfg.num_seed_steps}
+
+
+def make_replay(cfg: TrainConfig, env, params: dict):
+    online = ReplayBuffer(cfg.replay_capacity, env.observation_space, env.action_space,
+                          frame_stack=params["frame_stack"], nstep=params["nstep"], gamma=params["gamma"])
+    if not cfg.demos:
+        return online
+    demo = ReplayBuffer.from_dataset(cfg.demos, env.observation_space, env.action_space,
+                                     frame_stack=params["frame_stack"], nstep=params["nstep"], gamma=params["gamma"])
+    return MixedReplay(online, demo, demo_ratio=0.5)
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+def evaluate(agent, env, episodes: int, seed: int = 1_000_000, record: bool = False):
+    """Deterministic-policy episodes on fixed seeds: (success rate, mean return, frames of episode 0)."""
+    successes, returns, frames = [], [], []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        done, total, info = False, 0.0, {}
+        if record and ep == 0:
+            frames.append(env.render())
+        while not done:
+            obs, reward, terminated, truncated, info = env.step(agent.act(obs, explore=False))
+            total += reward
+            done = terminated or truncated
+            if record and ep == 0:
+                frames.append(env.render())
+        successes.append(bool(info.get("success", False)))
+        returns.append(total)
+    return float(np.mean(successes)), float(np.mean(returns)), frames
+
+
+class TrainingDiverged(FloatingPointError):
+    """A non-finite loss stopped training; names the step and the last good checkpoint."""
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+class Trainer:
+    """One training run; `run()` trains to the frame budget or the target success."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, console=None):
+        from robolearn.sim import make
+
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.console = console
+        self.env = make(cfg.env, **cfg.env_kwargs)
+        self.eval_env = make(cfg.env, render_mode="rgb_array", **cfg.env_kwargs)
+        self.repeat = getattr(self.env.unwrapped, "action_repeat", 1)
+        self.step, self.episode, self.history = 0, 0, {"train": [], "eval": []}
+        self.rng = np.random.default_rng(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        state = None
+        if resume:
+            ckpt, weights, config, state = ckpt_io.load_checkpoint(self.out)
+            self._check_resumable(config, ckpt)
+            self.agent, self.agent_cfg = build_agent(cfg.agent, self.env, {}, cfg.seed, config["agent_config"])
+            self.agent.load_state_dict(weights)
+        else:
+            if (self.ckpt_dir / "latest.json").exists():
+                raise ValueError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+            self.agent, self.agent_cfg = build_agent(cfg.agent, self.env, cfg.agent_overrides, cfg.seed)
+        self.params = loop_params(cfg.agent, self.agent_cfg, self.env)
+        if cfg.seed_steps is not None:
+            self.params["seed_steps"] = cfg.seed_steps
+        elif cfg.agent == "serl" and not cfg.demos:
+            self.params["seed_steps"] = 1_000  # without demos the critic first needs some coverage
+        self.replay = make_replay(cfg, self.env, self.params)
+        if state is not None:
+            self._restore(ckpt, state)
+
+    # -- checkpoints --
+    def _spec(self) -> dict:
+        return {"agent": self.cfg.agent, "env_id": self.cfg.env,
+                "observation_space": {k: list(v.shape) for k, v in self.env.observation_space.spaces.items()},
+                "action_shape": list(self.env.action_space.shape)}
+
+    def _check_resumable(self, config: dict, where: Path) -> None:
+        spec = {k: config.get(k) for k in ("agent", "env_id")}
+        ckpt_io.check_matches(spec, {"agent": self.cfg.agent, "env_id": self.cfg.env}, where)
+
+    def save(self) -> Path:
+        weights = self.agent.state_dict()
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # never let a poisoned checkpoint replace the last good one
+            raise TrainingDiverged(f"non-finite weights at agent step {self.step} in {bad[:5]}; not saved")
+        config = {**self._spec(), "agent_config": self.agent.config_dict(), "train_config": asdict(self.cfg)}
+        state = {"step": self.step, "episode": self.episode, "rng": self.rng.bit_generator.state,
+                 "history": self.history}
+        extra = {"replay.h5": self.replay.save} if self.cfg.save_replay else {}
+        return ckpt_io.save_checkpoint(self.ckpt_dir, self.step, weights, config, state, extra)
+
+    def _restore(self, ckpt: Path, state: dict) -> None:
+        self.step, self.episode, self.history = state["step"], state["episode"], state["history"]
+        self.rng.bit_generator.state = state["rng"]
+        ckpt_io.restore_torch_rng(ckpt)
+        if (ckpt / "replay.h5").exists():
+            self.replay.load(ckpt / "replay.h5")
+
+    # -- main loop --
+    def run(self) -> dict:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from torch.utils.tensorboard import SummaryWriter
+
+        cfg, p = self.cfg, self.params
+        total_steps = math.ceil(cfg.frames / self.repeat)
+        writer = SummaryWriter(str(self.out / "tb"))
+        recent = deque(maxlen=20)
+        next_eval = (self.step // cfg.eval_every + 1) * cfg.eval_every
+        next_ckpt = (self.step // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+        obs, _ = self.env.reset(seed=int(self.rng.integers(2**31)))
+        self.replay.add_first(obs)
+        ep_return, t_start, steps_start = 0.0, time.perf_counter(), self.step
+        result = {"reached_target": False}
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                   TextColumn("{task.fields[fps]:.0f} fps"), TextColumn("return {task.fields[ret]:.2f}"),
+                   TextColumn("success {task.fields[succ]:.0%}"), TextColumn("eval {task.fields[ev]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            bar = progress.add_task(f"{cfg.agent} {cfg.env}", total=total_steps, completed=self.step,
+                                    fps=0.0, ret=0.0, succ=0.0, ev="-")
+            while self.step < total_steps:
+                if self.step < p["seed_steps"]:
+                    action = self.rng.uniform(-1, 1, self.env.action_space.shape).astype(np.float32)
+                else:
+                    with torch.no_grad():
+                        action = self.agent.act(obs, explore=True)
+                obs, reward, terminated, truncated, info = self.env.step(action)
+                self.replay.add(action, reward, obs, terminated, truncated)
+                ep_return += reward
+                self.step += 1
+                if self.step >= p["seed_steps"] and self.step % p["every"] == 0 and len(self.replay) >= 1:
+                    batch = self.replay.sample(p["batch"], self.rng)
+                    metrics = self.agent.update(batch, self.step)
+                    if self.step % 250 == 0:
+                        for k, v in metrics.items():
+                            writer.add_scalar(f"train/{k}", v, self.step * self.repeat)
+                if terminated or truncated:
+                    self.episode += 1
+                    success = bool(info.get("success", False))
+                    recent.append((ep_return, success))
+                    self.history["train"].append([self.step * self.repeat, ep_return, success])
+                    writer.add_scalar("episode/return", ep_return, self.step * self.repeat)
+                    writer.add_scalar("episode/success", float(success), self.step * self.repeat)
+                    if self.step >= next_eval:
+                        next_eval += cfg.eval_every
+                        rate, ret, _ = evaluate(self.agent, self.eval_env, cfg.eval_episodes)
+                        self.history["eval"].append([self.step * self.repeat, ret, rate,
+                                                     round(time.perf_counter() - t_start, 1)])
+                        writer.add_scalar("eval/success", rate, self.step * self.repeat)
+                        writer.add_scalar("eval/return", ret, self.step * self.repeat)
+                        progress.update(bar, ev=f"{rate:.0%}")
+                        progress.console.print(f"eval at {self.step * self.repeat} env steps: success {rate:.0%}, "
+                                               f"return {ret:.2f}, {time.perf_counter() - t_start:.0f} s")
+                        if cfg.target_success is not None and rate >= cfg.target_success:
+                            result["reached_target"] = True
+                    if self.step >= next_ckpt or result["reached_target"]:
+                        next_ckpt += cfg.checkpoint_every
+                        self.save()
+                    if result["reached_target"]:
+                        break
+                    obs, _ = self.env.reset(seed=int(self.rng.integers(2**31)))
+                    self.replay.add_first(obs)
+                    ep_return = 0.0
+                    fps = (self.step - steps_start) * self.repeat / (time.perf_counter() - t_start)
+                    progress.update(bar, completed=self.step, fps=fps,
+                                    ret=float(np.mean([r for r, _ in recent])),
+                                    succ=float(np.mean([s for _, s in recent])))
+        writer.close()
+        final = self.save()
+        rate, ret, frames = evaluate(self.agent, self.eval_env, cfg.eval_episodes, record=cfg.video)
+        self.history["eval"].append([self.step * self.repeat, ret, rate, round(time.perf_counter() - t_start, 1)])
+        ckpt_io.write_json(self.out / "history.json", self.history)
+        result.update({"checkpoint": str(final), "env_steps": self.step * self.repeat, "final_success": rate,
+                       "final_return": ret, "minutes": (time.perf_counter() - t_start) / 60,
+                       "curve": str(plot_learning_curve(self.history, self.out / "learning_curve.png", cfg))})
+        if cfg.video and frames:
+            from robolearn.video import write_mp4
+            result["video"] = str(write_mp4(self.out / "eval.mp4", frames, self.eval_env.metadata.get("render_fps", 10)))
+        ckpt_io.write_json(self.out / "result.json", result)
+        return result
+
+    def close(self) -> None:
+        self.env.close()
+        self.eval_env.close()
+
+
+def plot_learning_curve(history: dict, path: Path, cfg: TrainConfig) -> Path:
+    """Return and success against env steps: training episodes (smoothed) and evaluations."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_r, ax_s) = plt.subplots(1, 2, figsize=(10, 3.8))
+    train = np.array(history["train"], dtype=float).reshape(-1, 3)
+    evals = np.array(history["eval"], dtype=float).reshape(-1, 4)
+    if len(train):
+        k = max(1, min(20, len(train) // 5))
+        smooth = lambda v: np.convolve(v, np.ones(k) / k, mode="valid")  # noqa: E731
+        ax_r.plot(train[k - 1:, 0], smooth(train[:, 1]), label=f"train (mean of {k})", alpha=0.7)
+        ax_s.plot(train[k - 1:, 0], smooth(train[:, 2]), label=f"train (mean of {k})", alpha=0.7)
+    if len(evals):
+        ax_r.plot(evals[:, 0], evals[:, 1], "o-", label="eval")
+        ax_s.plot(evals[:, 0], evals[:, 2], "o-", label="eval")
+    ax_r.set(xlabel="env steps", ylabel="episode return", title="return")
+    ax_s.set(xlabel="env steps", ylabel="success rate", title="success", ylim=(-0.05, 1.05))
+    for ax in (ax_r, ax_s):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.suptitle(f"{cfg.agent} on {cfg.env} (seed {cfg.seed})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def train(cfg: TrainConfig, resume: bool = False, console=None) -> dict:
+    trainer = Trainer(cfg, resume=resume, console=console)
+    try:
+        return trainer.run()
+    except (NonFiniteLossError, TrainingDiverged) as err:
+        last = ckpt_io.resolve(trainer.out) if (trainer.ckpt_dir / "latest.json").exists() else "none yet"
+        raise TrainingDiverged(f"{err}\ntraining stopped at agent step {trainer.step}; nothing was saved after "
+                               f"the last good checkpoint: {last}") from err
+    finally:
+        trainer.close()
+
+
+def load_agent(path: str | Path, env=None):
+    """(agent, config) from a checkpoint; with env given, its id and spaces must match."""
+    ckpt, weights, config, _ = ckpt_io.load_checkpoint(path)
+    if env is not None:
+        expected = {"observation_space": {k: list(v.shape) for k, v in env.observation_space.spaces.items()},
+                    "action_shape": list(env.action_space.shape)}
+        ckpt_io.check_matches(config, expected, ckpt)
+    from robolearn.sim import make
+    env = env or make(config["env_id"])
+    agent, _ = build_agent(config["agent"], env, {}, 0, config["agent_config"])
+    try:
+        agent.load_state_dict(weights)
+    except (KeyError, RuntimeError) as err:
+        raise ckpt_io.CheckpointError(f"checkpoint {ckpt} does not fit a {config['agent']} agent: {err}") from None
+    return agent, config
+
+
+if __name__ == "__main__":
+    print(json.dumps(asdict(TrainConfig()), indent=2))

@@ -1,0 +1,101 @@
+"""The training loop end to end through the CLI: resume after kill -9, mismatches, divergence."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY = ["--set", "batch_size=16", "--set", "utd_ratio=2", "--set", "hidden_dims=[32,32]", "--set", "num_critics=4",
+        "--threads", "1", "--no-video", "--eval-episodes", "2"]
+
+
+def robolearn(*args, check=True, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "robolearn.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def latest_step(run: Path) -> int:
+    latest = run / "checkpoints" / "latest.json"
+    return json.loads(latest.read_text())["step"] if latest.exists() else -1
+
+
+def test_resume_after_kill9_continues_the_run(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--agent", "serl", "--env", "robolearn/PandaReach-v0", "--frames", "1200",
+            "--checkpoint-every", "100", "--eval-every", "400", "--out", str(run), *TINY]
+    proc = subprocess.Popen([sys.executable, "-m", "robolearn.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while latest_step(run) < 200 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = latest_step(run)
+    assert killed_at >= 200
+    state = json.loads((run / "checkpoints" / f"step_{killed_at:012d}" / "state.json").read_text())
+
+    robolearn(*args, "--resume")
+    result = json.loads((run / "result.json").read_text())
+    assert result["env_steps"] == 1200
+    history = json.loads((run / "history.json").read_text())
+    steps = [row[0] for row in history["train"]]
+    assert steps == sorted(steps) and steps[0] <= state["step"] < steps[-1]  # one history, continued
+    assert (run / "learning_curve.png").stat().st_size > 10_000
+
+
+def test_fresh_train_refuses_to_overwrite_and_resume_rejects_other_agent(tmp_path):
+    run = tmp_path / "run"
+    base = ["--env", "robolearn/PandaReach-v0", "--frames", "150", "--checkpoint-every", "100",
+            "--eval-every", "1000", "--out", str(run)]
+    robolearn("train", "--agent", "serl", *base, *TINY)
+    again = robolearn("train", "--agent", "serl", *base, *TINY, check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    other = robolearn("train", "--agent", "drqv2", *base, "--resume", "--no-video", check=False)
+    assert other.returncode == 2 and "agent: checkpoint has 'serl', expected 'drqv2'" in other.stderr
+    wrong_env = robolearn("eval", "--checkpoint", str(run), "--env", "robolearn/PandaPickCube-v0",
+                          "--episodes", "1", check=False)
+    assert wrong_env.returncode == 2 and "does not match" in wrong_env.stderr and "action_shape" in wrong_env.stderr
+    ok = robolearn("eval", "--checkpoint", str(run), "--episodes", "2")
+    assert "success" in ok.stdout
+
+
+def test_demos_that_do_not_match_the_env_are_refused(tmp_path):
+    import robolearn.sim as rsim
+    from robolearn.demos.dataset import write_expert_episodes
+
+    env = rsim.make("robolearn/PandaPickCube-v0")
+    write_expert_episodes(env, env.unwrapped.task.expert(env.unwrapped), tmp_path / "demos", 1)
+    proc = robolearn("train", "--agent", "serl", "--env", "robolearn/PandaReach-v0", "--demos",
+                     str(tmp_path / "demos"), "--frames", "50", "--out", str(tmp_path / "run"), *TINY, check=False)
+    # Reach and PickCube states are both 10-d; the 4-d pick action against reach's 3-d is the mismatch.
+    assert proc.returncode == 2 and "action shape (4,)" in proc.stderr and str(tmp_path / "demos") in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+    from robolearn.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    # lr=1e30: one Adam step moves every weight by ~1e30 and the next losses overflow. Updates
+    # start after SERL's 1000 random steps (no demos), so the checkpoints before that are good.
+    proc = robolearn("train", "--agent", "serl", "--env", "robolearn/PandaReach-v0", "--frames", "1400",
+                     "--checkpoint-every", "100", "--eval-every", "10000", "--out", str(run), "--set", "lr=1e30",
+                     *TINY, check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "non-finite" in proc.stderr and "learner step" in proc.stderr and "reward:" in proc.stderr
+    assert "last good checkpoint" in proc.stderr
+    _, weights, _, state = load_checkpoint(run)
+    assert all(np.isfinite(w.float().numpy()).all() for w in weights.values())
+    assert 900 <= state["step"] <= 1100  # the last checkpoint before the weights blew up
