@@ -35,15 +35,25 @@ def cmd_rollout(args) -> int:
     from robolearn.sim import make
     from robolearn.video import write_mp4
 
+    from robolearn.demos.dataset import DatasetWriter
+
     env = make(args.env, render_mode="rgb_array" if args.video else None)
     policy = rollout.POLICIES[args.policy](env)
+    recorder = None
+    if args.record:
+        recorder = DatasetWriter(args.record, args.env, env.observation_space, env.action_space,
+                                 fps=env.metadata.get("render_fps", 10))
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("success {task.fields[rate]:.0%}"), TimeElapsedColumn()]
     with Progress(*columns) as progress:
         bar = progress.add_task(f"{args.policy} on {args.env}", total=args.episodes, rate=0.0)
         res = rollout.run_episodes(env, policy, args.episodes, seed=args.seed,
                                    video_episode=0 if args.video else None,
-                                   on_episode=lambda r: progress.update(bar, advance=1, rate=r.success_rate))
+                                   on_episode=lambda r: progress.update(bar, advance=1, rate=r.success_rate),
+                                   recorder=recorder)
+    if recorder is not None:
+        recorder.close()
+        print(f"recorded {args.episodes} episodes to {args.record}")
     print(f"episodes: {args.episodes}  success rate: {res.success_rate:.1%}  "
           f"mean return: {sum(res.returns) / len(res.returns):.2f}  mean length: {sum(res.lengths) / len(res.lengths):.1f}")
     if args.video:
@@ -124,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=10, help="number of episodes (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first episode; episode k uses seed+k")
     p.add_argument("--video", metavar="OUT.mp4", help="write the first episode to this mp4")
+    p.add_argument("--record", metavar="DIR", help="append every episode to this episode dataset (docs/dataset.md), "
+                                                   "e.g. scripted demonstrations for --demos")
     p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("train", help="train an agent in simulation",

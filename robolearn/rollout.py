@@ -37,23 +37,33 @@ POLICIES = {"scripted": scripted_policy, "random": random_policy}
 
 
 def run_episodes(env, policy: Callable, episodes: int, seed: int = 0, video_episode: int | None = None,
-                 on_episode: Callable[[RolloutResult], None] | None = None) -> RolloutResult:
-    """Episodes with seeds seed, seed+1, ...; frames of `video_episode` kept for a video."""
+                 on_episode: Callable[[RolloutResult], None] | None = None, recorder=None) -> RolloutResult:
+    """Episodes with seeds seed, seed+1, ...; frames of `video_episode` kept for a video.
+
+    recorder: a robolearn.demos.dataset.DatasetWriter that receives every episode.
+    """
     result = RolloutResult()
     env.action_space.seed(seed)
     for ep in range(episodes):
         obs, info = env.reset(seed=seed + ep)
+        if recorder is not None:
+            recorder.begin_episode(obs, seed=seed + ep)
         record = ep == video_episode
         if record:
             result.frames.append(env.render())
         total, done, steps = 0.0, False, 0
         while not done:
-            obs, reward, terminated, truncated, info = env.step(policy(obs))
+            action = policy(obs)
+            obs, reward, terminated, truncated, info = env.step(action)
+            if recorder is not None:
+                recorder.add_step(action, obs, reward, terminated, truncated, bool(info.get("success", False)))
             total += reward
             steps += 1
             done = terminated or truncated
             if record:
                 result.frames.append(env.render())
+        if recorder is not None:
+            recorder.end_episode()
         result.returns.append(total)
         result.successes.append(bool(info.get("success", False)))
         result.lengths.append(steps)

@@ -40,3 +40,16 @@ def test_rollout_reports_success_and_writes_video(tmp_path):
 def test_rollout_unknown_env_fails_cleanly():
     proc = run("rollout", "--env", "robolearn/Nope-v0", check=False)
     assert proc.returncode == 2 and "unknown env id" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_rollout_records_a_dataset_the_demo_buffer_loads(tmp_path):
+    import robolearn.sim as rsim
+    from robolearn.demos.dataset import Dataset
+    from robolearn.replay import ReplayBuffer
+
+    run("rollout", "--env", "robolearn/PandaReach-v0", "--episodes", "3", "--record", str(tmp_path / "demos"))
+    data = Dataset(tmp_path / "demos")
+    assert len(data) == 3 and data.env_id == "robolearn/PandaReach-v0"
+    env = rsim.make("robolearn/PandaReach-v0")
+    buf = ReplayBuffer.from_dataset(data, env.observation_space, env.action_space)
+    assert len(buf) == data.num_steps
