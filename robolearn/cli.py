@@ -37,7 +37,7 @@ def cmd_rollout(args) -> int:
 
     from robolearn.demos.dataset import DatasetWriter
 
-    env = make(args.env, render_mode="rgb_array" if args.video else None)
+    env = make(args.env, render_mode="rgb_array" if args.video else None, **_parse_overrides(args.env_set))
     policy = rollout.POLICIES[args.policy](env)
     recorder = None
     if args.record:
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", metavar="OUT.mp4", help="write the first episode to this mp4")
     p.add_argument("--record", metavar="DIR", help="append every episode to this episode dataset (docs/dataset.md), "
                                                    "e.g. scripted demonstrations for --demos")
+    p.add_argument("--env-set", action="append", metavar="KEY=VALUE",
+                   help="env option, e.g. reward_type=sparse or image_size=64 (record demos as you will train)")
     p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("train", help="train an agent in simulation",

@@ -1,0 +1,144 @@
+"""SERL (RLPD) on PandaPickCube from states with 20 scripted demos: env steps and minutes to 90%.
+
+Per seed: record 20 scripted demonstrations, train with 50/50 demo/online batches, evaluate
+every --eval-every steps on 20 fixed episodes, and stop at 90% success or the budget. Also
+measures critic updates/s beside the machine's arithmetic limit for that network size (its
+measured matmul GFLOP/s divided by the FLOPs of one critic update).
+
+--pixels trains from the cameras plus proprioception instead: on a GPU PandaPickCubePixels at
+50k steps; on a CPU PandaReachPixels from one 64x64 camera (target >= 90% within 10k steps).
+The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import robolearn.sim as rsim
+from robolearn.agents.serl import SERLAgent, SERLConfig
+from robolearn.rollout import run_episodes, scripted_policy
+from robolearn.train import TrainConfig, train
+
+
+def record_demos(env_id: str, env_kwargs: dict, path: Path, episodes: int, seed: int) -> None:
+    from robolearn.demos.dataset import DatasetWriter
+
+    env = rsim.make(env_id, **env_kwargs)
+    with DatasetWriter(path, env_id, env.observation_space, env.action_space, fps=10) as writer:
+        run_episodes(env, scripted_policy(env), episodes, seed=10_000 + 100 * seed, recorder=writer)
+    env.close()
+
+
+def matmul_gflops(size: int = 1024, reps: int = 20) -> float:
+    """The machine's sustained float32 matmul rate: the arithmetic limit for MLP updates."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def critic_update_gflop(obs_dim: int, act_dim: int, cfg: SERLConfig) -> float:
+    """FLOPs of one critic step: ensemble forward on (s, a) and target (s', a'), backward ~2x forward."""
+    dims = [obs_dim + act_dim, *cfg.hidden_dims, 1]
+    mlp = sum(2 * i * o for i, o in zip(dims[:-1], dims[1:]))
+    per_sample = cfg.num_critics * mlp * 3 + cfg.critic_subsample * mlp  # train fwd+bwd, target fwd
+    return per_sample * cfg.batch_size / 1e9
+
+
+def measure_updates(env_id: str, env_kwargs: dict, n: int = 20) -> dict:
+    env = rsim.make(env_id, **env_kwargs)
+    cfg = SERLConfig()
+    agent = SERLAgent(env.observation_space, env.action_space, cfg)
+    b = cfg.batch_size * cfg.utd_ratio
+    obs_dim = env.observation_space["state"].shape[0]
+    rng = np.random.default_rng(0)
+    def obs():
+        return {"state": torch.as_tensor(rng.normal(size=(b, obs_dim)), dtype=torch.float32),
+                "tcp_pose": torch.zeros(b, 7)}
+    batch = {"obs": obs(), "next_obs": obs(), "action": torch.rand(b, env.action_space.shape[0]) * 2 - 1,
+             "reward": torch.rand(b), "discount": torch.full((b,), 0.99)}
+    agent.update(batch, 0)
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        agent.update(batch, i + 1)
+        times.append(time.perf_counter() - t)
+    critic_per_s = cfg.utd_ratio / statistics.median(times)
+    flop = critic_update_gflop(obs_dim, env.action_space.shape[0], cfg)
+    peak = matmul_gflops()
+    return {"updates_per_s": round(critic_per_s, 1), "gflop_per_critic_update": round(flop, 3),
+            "matmul_gflops": round(peak, 1), "arithmetic_limit_updates_per_s": round(peak / flop, 1),
+            "fraction_of_limit": round(critic_per_s * flop / peak, 3)}
+
+
+def to_90(history: dict) -> tuple[int | None, float | None]:
+    for env_steps, _ret, success, seconds in history["eval"]:
+        if success >= 0.9:
+            return int(env_steps), round(seconds / 60, 2)
+    return None, None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--frames", type=int, help="budget per seed (default 20000; --pixels 10000/50000)")
+    parser.add_argument("--demos", type=int, default=20)
+    parser.add_argument("--eval-every", type=int, default=1000)
+    parser.add_argument("--eval-episodes", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="one seed, 4000 steps: a fast check that it runs")
+    parser.add_argument("--pixels", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="runs/bench_serl_pickcube")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    env_kwargs: dict = {"reward_type": "sparse"}  # RLPD/SERL: binary reward, episode ends on success
+    overrides: dict = {}
+    if args.pixels and torch.cuda.is_available():
+        env_id, budget = "robolearn/PandaPickCubePixels-v0", 50_000
+    elif args.pixels:
+        env_id, budget = "robolearn/PandaReachPixels-v0", 10_000
+        env_kwargs.update(image_size=64, cameras=("front",))
+        overrides = {"conv_strides": (2, 2, 2, 1)}
+    else:
+        env_id, budget = "robolearn/PandaPickCube-v0", 20_000
+    seeds, frames = (args.seeds[:1], 4_000) if args.quick else (args.seeds, args.frames or budget)
+    result = {"env_id": env_id, "seeds": seeds, "frames_budget": frames, "env_steps_to_90": [],
+              "minutes_to_90": [], "final_success": [], "minutes_total": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            demos = Path(tmp) / f"demos_{seed}"
+            record_demos(env_id, env_kwargs, demos, args.demos, seed)
+            cfg = TrainConfig(agent="serl", env=env_id, out=f"{args.out}/seed{seed}", frames=frames, seed=seed,
+                              demos=str(demos), eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+                              target_success=0.9, checkpoint_every=5_000, save_replay=False, video=seed == seeds[0],
+                              env_kwargs=env_kwargs, agent_overrides=overrides)
+            out = train(cfg)
+            history = json.loads((Path(cfg.out) / "history.json").read_text())
+            steps, minutes = to_90(history)
+            result["env_steps_to_90"].append(steps)
+            result["minutes_to_90"].append(minutes)
+            result["final_success"].append(out["final_success"])
+            result["minutes_total"].append(round(out["minutes"], 2))
+            print(f"seed {seed}: env steps to 90% {steps}, minutes {minutes}, final success {out['final_success']:.0%}",
+                  flush=True)
+    if not args.pixels:
+        result.update(measure_updates(env_id, env_kwargs))
+    result["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    result["threads"] = args.threads
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
