@@ -106,6 +106,15 @@ def resolve(path: str | Path) -> Path:
                           "or a directory with weights.safetensors)")
 
 
+def read_config(path: str | Path) -> dict:
+    """config.json of the checkpoint at or under `path`, without reading the weights."""
+    ckpt = resolve(path)
+    try:
+        return json.loads((ckpt / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {ckpt / 'config.json'}: {err}") from None
+
+
 def load_checkpoint(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict, dict]:
     """(directory, weights, config, state) of the checkpoint at or under `path`."""
     ckpt = resolve(path)

@@ -103,10 +103,10 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from robolearn.sim import make
     from robolearn.train import evaluate, load_agent
+    from robolearn.checkpoint import read_config
     from robolearn.video import write_mp4
-    from robolearn.checkpoint import load_checkpoint
 
-    _, _, config, _ = load_checkpoint(args.checkpoint)
+    config = read_config(args.checkpoint)
     env = make(args.env or config["env_id"], render_mode="rgb_array")
     agent, _ = load_agent(args.checkpoint, env)
     rate, ret, frames = evaluate(agent, env, args.episodes, seed=args.seed, record=bool(args.video))

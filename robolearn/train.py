@@ -19,7 +19,8 @@ import torch
 
 from robolearn import checkpoint as ckpt_io
 from robolearn.agents.errors import NonFiniteLossError
-from robolearn.replay import MixedReplay, ReplayBuffer, load_dataset
+from robolearn.replay import MixedReplay, ReplayBuffer
+from robolearn.rollout import run_episodes
 
 
 @dataclass
@@ -97,21 +98,9 @@ def make_replay(cfg: TrainConfig, env, params: dict):
 
 def evaluate(agent, env, episodes: int, seed: int = 1_000_000, record: bool = False):
     """Deterministic-policy episodes on fixed seeds: (success rate, mean return, frames of episode 0)."""
-    successes, returns, frames = [], [], []
-    for ep in range(episodes):
-        obs, _ = env.reset(seed=seed + ep)
-        done, total, info = False, 0.0, {}
-        if record and ep == 0:
-            frames.append(env.render())
-        while not done:
-            obs, reward, terminated, truncated, info = env.step(agent.act(obs, explore=False))
-            total += reward
-            done = terminated or truncated
-            if record and ep == 0:
-                frames.append(env.render())
-        successes.append(bool(info.get("success", False)))
-        returns.append(total)
-    return float(np.mean(successes)), float(np.mean(returns)), frames
+    res = run_episodes(env, lambda obs: agent.act(obs, explore=False), episodes, seed=seed,
+                       video_episode=0 if record else None)
+    return res.success_rate, float(np.mean(res.returns)), res.frames
 
 
 class TrainingDiverged(FloatingPointError):

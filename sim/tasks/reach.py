@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mujoco
 import numpy as np
 
-from robolearn.sim.tasks.base import Task
+from robolearn.sim.tasks.base import Task, move_action
 
 
 @dataclass
@@ -22,7 +23,6 @@ class Reach(Task):
 
     def build(self, spec) -> None:
         body = spec.worldbody.add_body(name="reach_target", mocap=True, pos=[0.4, 0.0, 0.2])
-        import mujoco  # local: only building needs the enum
         body.add_geom(name="reach_target", type=mujoco.mjtGeom.mjGEOM_SPHERE, size=[self.cfg.tolerance],
                       rgba=[0.1, 0.8, 0.1, 0.6], contype=0, conaffinity=0)
 
@@ -45,5 +45,4 @@ class Reach(Task):
         return float(np.exp(-10.0 * dist)), dist <= self.cfg.tolerance
 
     def expert(self, env):
-        from robolearn.sim.tasks.base import move_action
         return lambda obs: move_action(env, self.target(env)).astype(np.float32)
