@@ -117,6 +117,109 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _record_policy(name: str | None, env):
+    """(policy, name) for intervention mode: scripted, random, or a checkpoint directory."""
+    from pathlib import Path
+
+    from robolearn import rollout
+
+    if name is None:
+        return None, None
+    if name in rollout.POLICIES:
+        return rollout.POLICIES[name](env), name
+    if not Path(name).exists():
+        raise FileNotFoundError(f"--policy {name!r} is neither {' nor '.join(sorted(rollout.POLICIES))} "
+                                "nor a checkpoint directory")
+    from robolearn.train import load_agent
+    agent, _ = load_agent(name, env)
+    return (lambda obs: agent.act(obs, explore=False)), str(name)
+
+
+def cmd_record(args) -> int:
+    import contextlib
+
+    from robolearn.demos import teleop
+    from robolearn.demos.dataset import DatasetWriter
+    from robolearn.demos.recorder import RecordConfig, Recorder
+    from robolearn.sim import make
+
+    cls = teleop.device_class(args.teleop)  # an unknown name fails before anything starts
+    if args.unpaced and cls.human:
+        raise ValueError(f"--unpaced is for the scripted device; {args.teleop} is paced at the control rate")
+    if args.fps is not None and args.fps <= 0:
+        raise ValueError(f"--fps must be positive, got {args.fps}")
+    env_kwargs = _parse_overrides(args.env_set)
+    if args.label and args.env.startswith("robolearn/Panda"):
+        env_kwargs.setdefault("terminate_on_success", False)  # labels are wanted past the first success
+    with contextlib.ExitStack() as stack:
+        env = make(args.env, **env_kwargs)
+        stack.callback(env.close)
+        env.action_space.seed(args.seed)
+        policy, policy_name = _record_policy(args.policy, env)
+        device = stack.enter_context(teleop.make_device(args.teleop, _parse_overrides(args.teleop_set)))
+        controls = []
+        if cls.human and args.teleop != "keyboard" and sys.stdin.isatty():
+            controls.append(stack.enter_context(teleop.make_device("keyboard")))  # recorder keys
+        writer = stack.enter_context(DatasetWriter(args.out, args.env, env.observation_space, env.action_space,
+                                                   fps=env.metadata.get("render_fps", 10)))
+        cfg = RecordConfig(episodes=args.episodes, fps=args.fps, pace=not args.unpaced, label=args.label,
+                           seed=args.seed)
+        summary = Recorder(env, device, writer, cfg, policy=policy, policy_name=policy_name,
+                           controls=controls).run()
+    return 0 if summary.stopped_by != "device lost" or summary.paths else 1
+
+
+def _plain_warnings() -> None:
+    """Warnings (a skipped damaged episode) as one line on stderr, without a source location."""
+    import warnings
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+
+
+def cmd_demos_info(args) -> int:
+    import json
+
+    from robolearn.demos.summary import format_summary, summarize
+
+    _plain_warnings()
+    summary = summarize(args.dir, strict=args.strict)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_demos_replay(args) -> int:
+    from robolearn.demos.playback import format_replay, replay_episode
+    from robolearn.video import write_mp4
+
+    _plain_warnings()
+    result = replay_episode(args.dir, args.episode, simulate=not args.no_sim, render=args.render,
+                            frames=bool(args.video) and not args.render,
+                            env_overrides=_parse_overrides(args.env_set))
+    print(format_replay(result))
+    if args.video:
+        view = "simulator" if args.render else "recorded cameras"
+        print(f"video ({view}): {write_mp4(args.video, result.frames, result.fps)}")
+    return 0
+
+
+def cmd_demos_export(args) -> int:
+    from robolearn.demos.convert import export_dataset
+
+    _plain_warnings()
+    out, n = export_dataset(args.dir, args.format, args.out, overwrite=args.overwrite, strict=args.strict)
+    print(f"exported {n} episodes of {args.dir} as {args.format}: {out}")
+    return 0
+
+
+def cmd_demos_import(args) -> int:
+    from robolearn.demos.convert import import_dataset
+
+    _plain_warnings()
+    ds, n = import_dataset(args.path, args.format, args.out, env_id=args.env, strict=args.strict)
+    print(f"imported {n} episodes from {args.path} ({args.format}) into {ds.path} ({len(ds)} episodes, "
+          f"env {ds.env_id})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robolearn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -168,11 +271,81 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1_000_000, help="seed of the first episode")
     p.add_argument("--video", metavar="OUT.mp4", help="write episode 0 to this mp4")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("record", help="record demonstrations with a teleop device",
+                       description="Record episodes with a teleop device into an episode dataset "
+                                   "(docs/teleop.md): a live status line; keys start/stop an episode, mark "
+                                   "success or failure, discard and re-record, quit. With --policy, the policy "
+                                   "acts and the device takes over while it gives input (intervention).")
+    p.add_argument("--env", required=True, help="env id (see `robolearn envs`)")
+    p.add_argument("--teleop", default="keyboard", metavar="DEVICE",
+                   help="keyboard, gamepad, spacemouse, ros or scripted (default: keyboard)")
+    p.add_argument("--out", required=True, help="dataset directory; an existing one is appended to")
+    p.add_argument("--episodes", type=int, default=10, help="episodes to save (default: 10)")
+    p.add_argument("--env-set", action="append", metavar="KEY=VALUE", help="env option, e.g. image_size=64")
+    p.add_argument("--teleop-set", action="append", metavar="KEY=VALUE",
+                   help="device option or TeleopConfig field, e.g. scale=0.5, deadzone=0.1, lock=z, "
+                        "timeout_s=0.5, twist_topic=/spacenav/twist, keys='<enter>www.y'")
+    p.add_argument("--fps", type=float, help="control rate to pace at (default: the env's, 10 Hz for Panda)")
+    p.add_argument("--unpaced", action="store_true", help="step as fast as possible (scripted device only)")
+    p.add_argument("--policy", metavar="scripted|random|CHECKPOINT",
+                   help="intervention mode: this policy acts; device input takes over (flagged intervention)")
+    p.add_argument("--label", action="store_true",
+                   help="label mode: per-step success is set by the success/failure keys (reward classifiers)")
+    p.add_argument("--seed", type=int, default=0, help="dataset episode k is reset with seed+k")
+    p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser("demos", help="inspect, replay, export and import demonstration datasets",
+                       description="Work with episode datasets (docs/dataset.md): summarize them, replay an "
+                                   "episode, and convert to and from robomimic, LeRobot v3 and MCAP "
+                                   "(docs/formats.md).")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = actions.add_parser("info", help="counts, lengths, success rate, interventions, specs and sizes",
+                           description="Summarize a dataset: episodes, lengths, success rate, interventions, "
+                                       "observation and action specs, and each episode's file size.")
+    q.add_argument("dir", help="dataset directory")
+    q.add_argument("--strict", action="store_true", help="a damaged episode is an error (default: skipped, warned)")
+    q.add_argument("--json", action="store_true", help="print the summary as JSON")
+    q.set_defaults(func=cmd_demos_info)
+    q = actions.add_parser("replay", help="replay an episode in the simulator, or its frames to mp4",
+                           description="Replay an episode's actions in the simulator from its stored seed and "
+                                       "report how far the observations diverge from the recording; --video "
+                                       "writes the recorded camera frames (or, with --render, the simulator's "
+                                       "view) to an mp4.")
+    q.add_argument("dir", help="dataset directory")
+    q.add_argument("--episode", type=int, required=True, metavar="K", help="episode index (episode_K.h5; "
+                                                                          "`robolearn demos info` lists them)")
+    q.add_argument("--video", metavar="OUT.mp4", help="write the episode to this mp4")
+    q.add_argument("--render", action="store_true", help="the video shows the simulator replay, not the recording")
+    q.add_argument("--no-sim", action="store_true", help="do not replay in the simulator (frames only)")
+    q.add_argument("--env-set", action="append", metavar="KEY=VALUE",
+                   help="env option the episodes were recorded with, e.g. reward_type=sparse")
+    q.set_defaults(func=cmd_demos_replay)
+    q = actions.add_parser("export", help="write a dataset as robomimic, LeRobot v3 or MCAP",
+                           description="Export a dataset: robomimic (one HDF5 file), lerobot (a LeRobot v3 "
+                                       "dataset directory, images as H.264 video) or mcap (a rosbag2 directory "
+                                       "with one .mcap). Layouts in docs/formats.md.")
+    q.add_argument("dir", help="dataset directory")
+    q.add_argument("--format", required=True, choices=["robomimic", "lerobot", "mcap"])
+    q.add_argument("--out", required=True, metavar="PATH", help="file (robomimic) or directory to create")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing export at --out")
+    q.add_argument("--strict", action="store_true", help="a damaged episode is an error (default: skipped, warned)")
+    q.set_defaults(func=cmd_demos_export)
+    q = actions.add_parser("import", help="read robomimic, LeRobot v3 or MCAP into a dataset",
+                           description="Import episodes into a dataset directory (created, or appended to when "
+                                       "its specs match). The observations are checked against the env.")
+    q.add_argument("path", help="robomimic file, LeRobot dataset directory, or rosbag2 directory")
+    q.add_argument("--format", required=True, choices=["robomimic", "lerobot", "mcap"])
+    q.add_argument("--out", required=True, metavar="DIR", help="dataset directory")
+    q.add_argument("--env", help="env id the episodes belong to (default: the one the file names)")
+    q.add_argument("--strict", action="store_true", help="an unreadable episode is an error (default: skipped)")
+    q.set_defaults(func=cmd_demos_import)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from robolearn.demos.dataset import DatasetError
+    from robolearn.demos.teleop import TeleopError
 
     args = build_parser().parse_args(argv)
     if getattr(args, "episodes", 1) is not None and getattr(args, "episodes", 1) < 1:
@@ -180,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, DatasetError) as err:
+    except (ValueError, TypeError, FileNotFoundError, DatasetError, TeleopError) as err:
         print(f"robolearn {args.command}: error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # a diverged run: the message names the step and last checkpoint

@@ -215,6 +215,60 @@ class ReplayBuffer:
         if terminated or truncated:
             self._close()
 
+    def add_episode(self, obs: Mapping[str, np.ndarray], action, reward, terminated, truncated,
+                    intervention=None) -> None:
+        """A whole recorded episode at once: obs (T+1, ...) per key, the rest (T, ...), then ended.
+
+        Equal to add_first + T x add + end_episode. Whole arrays are copied in one go when the
+        episode fits in the free part of the ring and only its last step may end it; otherwise it
+        goes step by step.
+        """
+        action = np.asarray(action, np.float32)
+        T = len(action)
+        flags = [np.asarray(x, bool) for x in (terminated, truncated)]
+        fast = (self._size + T + 1 <= self.capacity and T > 0 and not any(f[:-1].any() for f in flags)
+                and all(len(np.asarray(x)) == T for x in (reward, *flags)))
+        if fast:
+            for key in self._obs:
+                if key not in obs:
+                    raise KeyError(f"ReplayBuffer: observation is missing key {key!r} (has {sorted(obs)})")
+                value = np.asarray(obs[key])
+                if value.shape != (T + 1, *self.obs_spec[key]["shape"]):
+                    fast = False  # the step-by-step path names the bad key and shape
+        if not fast:
+            self.add_first({k: v[0] for k, v in obs.items()})
+            for t in range(T):
+                self.add(action[t], float(reward[t]), {k: v[t + 1] for k, v in obs.items()},
+                         bool(terminated[t]), bool(truncated[t]),
+                         False if intervention is None else bool(intervention[t]))
+            self.end_episode()
+            return
+        if action.shape[1:] != self.action_shape:
+            raise ValueError(f"ReplayBuffer: action has shape {action.shape[1:]}, expected {self.action_shape}")
+        self.end_episode()
+        p, rows = self._ptr, slice(self._ptr, self._ptr + T + 1)  # the ring has not wrapped: p == size
+        for key, store in self._obs.items():
+            value = np.asarray(obs[key])
+            if key in self.image_keys:  # the newest frame of a stack, channel-first (as _frame)
+                value = value[..., value.shape[-1] - store.shape[1]:].transpose(0, 3, 1, 2)
+            store[rows] = value
+        acts = slice(p, p + T)
+        self._episode[rows], self._step[rows] = self._next_episode, np.arange(T + 1)
+        self._action[acts], self._reward[acts] = action, np.asarray(reward, np.float32)
+        self._terminated[rows], self._intervention[rows], self._reward[p + T] = False, False, 0.0
+        self._terminated[p + T - 1] = flags[0][-1]
+        if intervention is not None:
+            self._intervention[acts] = np.asarray(intervention, bool)
+        self._has_action[rows] = np.arange(T + 1) < T
+        # Every step with an action is sampleable: its frame stack and n-step window lie in this
+        # episode, which is complete (the step-by-step path marks the same slots).
+        self._sampleable[rows] = self._has_action[rows]
+        self._count += T
+        self._cur, self._ptr = p + T, (p + T + 1) % self.capacity
+        self._size += T + 1
+        self._next_episode += 1
+        self._open = False
+
     def end_episode(self) -> None:
         """End the open episode without a terminal flag (it bootstraps, like truncation); no-op if none."""
         if self._open:
@@ -434,13 +488,9 @@ def load_dataset(buffer: ReplayBuffer, dataset: Dataset | str | os.PathLike) -> 
     if tuple(dataset.action_spec["shape"]) != buffer.action_shape:
         raise DatasetError(f"{where}: action shape {tuple(dataset.action_spec['shape'])} in the dataset but "
                            f"{buffer.action_shape} in the replay buffer")
-    for ep in dataset:
-        obs = ep["obs"]
-        buffer.add_first({k: v[0] for k, v in obs.items()})
-        for t in range(len(ep["action"])):
-            buffer.add(ep["action"][t], float(ep["reward"][t]), {k: v[t + 1] for k, v in obs.items()},
-                       bool(ep["terminated"][t]), bool(ep["truncated"][t]), bool(ep["intervention"][t]))
-        buffer.end_episode()  # a recording stopped without a terminal flag bootstraps from its last obs
+    for ep in dataset:  # an episode stopped without a terminal flag bootstraps from its last obs
+        buffer.add_episode(ep["obs"], ep["action"], ep["reward"], ep["terminated"], ep["truncated"],
+                           ep["intervention"])
 
 
 class MixedReplay:

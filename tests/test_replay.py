@@ -354,3 +354,32 @@ def test_mixed_save_load(tmp_path):
     other.load(tmp_path / "mixed.h5")
     assert_same_buffer(mixed.online, other.online)
     assert_same_buffer(mixed.demo, other.demo)
+
+
+@pytest.mark.parametrize("k,n,capacity", [(1, 1, 200), (3, 3, 200), (3, 2, 23)])
+def test_add_episode_equals_step_by_step(k, n, capacity):
+    """The whole-episode path (used to load demos) leaves the buffer exactly as add_first + add does,
+    including episodes that wrap the ring (capacity 23), an open episode before it, and flags."""
+    rng = np.random.default_rng(k * 10 + n)
+    whole, steps = (ReplayBuffer(capacity, *spaces(k), frame_stack=k, nstep=n, device="cpu") for _ in range(2))
+    for e in range(6):
+        T = int(rng.integers(1, 9))
+        obs = {"images/cam": np.stack([np.concatenate([frame(e, t)] * k, -1) for t in range(T + 1)]),
+               "state": rng.normal(size=(T + 1, 2)).astype(np.float32)}
+        action, reward = rng.uniform(-1, 1, (T, 2)).astype(np.float32), rng.normal(size=T).astype(np.float32)
+        terminated, truncated = np.zeros(T, bool), np.zeros(T, bool)
+        (terminated if e % 3 == 0 else truncated)[-1] = e % 3 != 2  # terminal, time limit, or neither
+        intervention = rng.random(T) < 0.5
+        if e == 4:  # an episode left open in both buffers: add_episode must end it first
+            for buf in (whole, steps):
+                buf.add_first({key: v[0] for key, v in obs.items()})
+        whole.add_episode(obs, action, reward, terminated, truncated, intervention)
+        steps.add_first({key: v[0] for key, v in obs.items()})
+        for t in range(T):
+            steps.add(action[t], float(reward[t]), {key: v[t + 1] for key, v in obs.items()}, bool(terminated[t]),
+                      bool(truncated[t]), bool(intervention[t]))
+        steps.end_episode()
+        assert len(whole) == len(steps) and whole.size == steps.size
+        assert_same_buffer(whole, steps)
+    for name in ("_ptr", "_cur", "_next_episode", "_open", "_count"):
+        assert getattr(whole, name) == getattr(steps, name)

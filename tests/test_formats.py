@@ -1,0 +1,363 @@
+"""Export/import of robomimic, LeRobot v3 and MCAP (rosbag2) with real files read by real readers,
+and the `robolearn demos` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import robolearn.sim as rsim
+from robolearn.cli import main as cli_main
+from robolearn.demos.convert import export_dataset, import_dataset
+from robolearn.demos.dataset import Dataset, DatasetError, DatasetWriter, write_expert_episodes
+from robolearn.demos.lerobot_format import VIDEO_MAE_BOUND
+
+ENV_ID = "robolearn/PandaPickCubePixels-v0"
+SIZE = 32
+STEP_KEYS = ("action", "reward", "terminated", "truncated", "success", "intervention", "timestamp")
+FORMATS = ("robomimic", "lerobot", "mcap")
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Dataset:
+    """Two scripted episodes plus a random one with interventions, a time limit, its own clock and attrs."""
+    path = tmp_path_factory.mktemp("formats") / "src"
+    env = rsim.make(ENV_ID, image_size=SIZE)
+    write_expert_episodes(env, env.unwrapped.task.expert(env.unwrapped), path, 2)
+    env.close()
+    env = rsim.make(ENV_ID, image_size=SIZE, max_episode_steps=7)
+    rng = np.random.default_rng(0)
+    with DatasetWriter(path, ENV_ID, env.observation_space, env.action_space, fps=10) as w:
+        obs, _ = env.reset(seed=5)
+        w.begin_episode(obs, seed=5, operator="test")
+        for t in range(7):
+            obs, r, term, trunc, info = env.step(rng.uniform(-1, 1, 4).astype(np.float32))
+            w.add_step(rng.uniform(-1, 1, 4), obs, r, term, trunc, info["success"], intervention=t % 3 == 1,
+                       timestamp=0.1 * t + rng.uniform(0, 0.01))
+        w.end_episode()
+    env.close()
+    ds = Dataset(path)
+    assert len(ds) == 3 and ds.episode(2)["truncated"][-1] and ds.episode(2)["intervention"].any()
+    return ds
+
+
+def export_path(tmp_path: Path, fmt: str) -> Path:
+    return tmp_path / ("demos.hdf5" if fmt == "robomimic" else f"demos_{fmt}")
+
+
+def image_mae(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_preserves_every_array(src, tmp_path, fmt):
+    out, n = export_dataset(src.path, fmt, export_path(tmp_path, fmt))
+    assert n == 3 and out.exists()
+    back, m = import_dataset(out, fmt, tmp_path / "back")
+    assert m == 3 and len(back) == 3
+    strip = lambda meta: {k: v for k, v in meta.items() if k != "created"}
+    assert strip(back.meta) == strip(src.meta)
+    for i in range(3):
+        a, b = src.episode(i), back.episode(i)
+        assert back.episode_attrs(i) == src.episode_attrs(i)  # seed, operator, success, length
+        for key, value in a["obs"].items():
+            assert b["obs"][key].dtype == value.dtype and b["obs"][key].shape == value.shape, key
+            if fmt == "lerobot" and key.startswith("images/"):  # H.264: within the stated bound
+                assert image_mae(b["obs"][key], value) <= VIDEO_MAE_BOUND, key
+            else:
+                np.testing.assert_array_equal(b["obs"][key], value, err_msg=key)
+        for key in STEP_KEYS:
+            assert b[key].dtype == a[key].dtype, key
+            np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+
+
+@pytest.mark.filterwarnings("ignore:module 'sre_:DeprecationWarning")  # lark, under mcap_ros2's parser
+def test_mcap_read_by_independent_readers(src, tmp_path):
+    from mcap.reader import make_reader
+    from mcap_ros2.decoder import DecoderFactory
+    from rosbags.rosbag2 import Reader
+
+    out, _ = export_dataset(src.path, "mcap", tmp_path / "bag")
+    assert sorted(p.name for p in out.iterdir()) == ["bag.mcap", "metadata.yaml"]
+    eps = [src.episode(i) for i in range(3)]
+    T = [len(e["action"]) for e in eps]
+    expected_types = {"/joint_states": "sensor_msgs/msg/JointState", "/front/image_raw": "sensor_msgs/msg/Image",
+                      "/wrist/image_raw": "sensor_msgs/msg/Image",
+                      "/robolearn/action": "std_msgs/msg/Float64MultiArray",
+                      "/robolearn/step": "std_msgs/msg/Float64MultiArray",
+                      "/robolearn/episode": "std_msgs/msg/String", "/robolearn/dataset": "std_msgs/msg/String"}
+    expected_counts = {"/joint_states": sum(T) + 3, "/front/image_raw": sum(T) + 3, "/wrist/image_raw": sum(T) + 3,
+                       "/robolearn/action": sum(T), "/robolearn/step": sum(T), "/robolearn/episode": 3,
+                       "/robolearn/dataset": 1}
+
+    # 1. The mcap library with its ROS 2 decoder (its own CDR parser and ros2msg schema parser).
+    with open(out / "bag.mcap", "rb") as f:
+        reader = make_reader(f, decoder_factories=[DecoderFactory()])
+        summary = reader.get_summary()
+        channels = {c.topic: c for c in summary.channels.values()}
+        assert {t: summary.schemas[c.schema_id].name for t, c in channels.items()} \
+            == expected_types
+        assert all(c.message_encoding == "cdr" and summary.schemas[c.schema_id].encoding == "ros2msg"
+                   for c in channels.values())
+        got = {t: [] for t in expected_types}
+        for _, channel, message, msg in reader.iter_decoded_messages(log_time_order=True):
+            got[channel.topic].append((message.log_time, msg))
+    assert {t: len(v) for t, v in got.items()} == expected_counts
+    names = [f"state/{i}" for i in range(7)] + [f"tcp_pose/{i}" for i in range(7)]
+    first = got["/joint_states"][0][1]
+    assert list(first.name) == names and first.header.stamp.sec > 0
+    joints = np.array([m.position for _, m in got["/joint_states"]])
+    recorded = np.concatenate([np.concatenate([e["obs"]["state"], e["obs"]["tcp_pose"]], 1) for e in eps])
+    np.testing.assert_array_equal(joints, recorded.astype(np.float64))
+    for cam in ("front", "wrist"):
+        imgs = got[f"/{cam}/image_raw"]
+        assert {(m.encoding, m.height, m.width, m.step) for _, m in imgs} == {("rgb8", SIZE, SIZE, 3 * SIZE)}
+        frames = np.stack([np.frombuffer(bytes(m.data), np.uint8).reshape(SIZE, SIZE, 3) for _, m in imgs])
+        np.testing.assert_array_equal(frames, np.concatenate([e["obs"][f"images/{cam}"] for e in eps]))
+    actions = np.array([m.data for _, m in got["/robolearn/action"]])
+    np.testing.assert_array_equal(actions.astype(np.float32), np.concatenate([e["action"] for e in eps]))
+    step = np.array([m.data for _, m in got["/robolearn/step"]])
+    assert got["/robolearn/step"][0][1].layout.dim[0].label.split(",") == ["reward", "terminated", "truncated",
+                                                                           "success", "intervention", "timestamp"]
+    for col, key in enumerate(["reward", "terminated", "truncated", "success", "intervention", "timestamp"]):
+        np.testing.assert_array_equal(step[:, col], np.concatenate([e[key] for e in eps]).astype(np.float64))
+    markers = [json.loads(m.data) for _, m in got["/robolearn/episode"]]
+    assert [m["length"] for m in markers] == T and markers[2]["attrs"]["operator"] == "test"
+    # an image's log time is the observation's time: t / fps after its episode's start
+    starts = [t for t, _ in got["/robolearn/episode"]]
+    assert (got["/front/image_raw"][T[0]][0] - starts[0]) == T[0] * 100_000_000
+
+    # 2. rosbags reading the rosbag2 directory through metadata.yaml, as `ros2 bag` does.
+    with Reader(out) as bag:
+        assert bag.message_count == sum(expected_counts.values())
+        assert {c.topic: c.msgtype for c in bag.connections} == expected_types
+        assert Counter(c.topic for c, _, _ in bag.messages()) == expected_counts
+
+    # 3. ROS 2's own C type support (rclpy), when the `ros` extra is installed.
+    try:
+        from rclpy.serialization import deserialize_message
+        from sensor_msgs.msg import Image, JointState
+        from std_msgs.msg import Float64MultiArray
+    except ImportError:
+        return
+    types = {"sensor_msgs/msg/Image": Image, "sensor_msgs/msg/JointState": JointState,
+             "std_msgs/msg/Float64MultiArray": Float64MultiArray}
+    with Reader(out) as bag:
+        seen = {}
+        for conn, _, raw in bag.messages():
+            if conn.msgtype in types and conn.topic not in seen:
+                seen[conn.topic] = deserialize_message(bytes(raw), types[conn.msgtype])
+    np.testing.assert_array_equal(np.frombuffer(bytes(seen["/front/image_raw"].data), np.uint8),
+                                  eps[0]["obs"]["images/front"][0].reshape(-1))
+    np.testing.assert_array_equal(seen["/joint_states"].position, recorded[0])
+    np.testing.assert_array_equal(np.array(seen["/robolearn/action"].data, np.float32), eps[0]["action"][0])
+
+
+def test_lerobot_layout_read_with_pyarrow_and_opencv(src, tmp_path):
+    import cv2
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out, _ = export_dataset(src.path, "lerobot", tmp_path / "lerobot")
+    eps = [src.episode(i) for i in range(3)]
+    frames = [len(e["action"]) + 1 for e in eps]  # T+1 frames: the last holds the final observation
+    info = json.loads((out / "meta/info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["fps"] == 10 and info["robot_type"] == "panda"
+    assert info["total_episodes"] == 3 and info["total_frames"] == sum(frames) and info["total_tasks"] == 1
+    assert info["data_path"] == "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+    assert info["video_path"] == "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+    assert info["chunks_size"] == 1000 and info["splits"] == {"train": "0:3"}
+    feats = info["features"]
+    assert feats["observation.state"] == {"dtype": "float32", "shape": [7], "names": [f"state_{i}" for i in range(7)]}
+    assert feats["action"]["dtype"] == "float32" and feats["action"]["shape"] == [4]
+    cam = feats["observation.images.front"]
+    assert cam["dtype"] == "video" and cam["shape"] == [SIZE, SIZE, 3]
+    assert cam["names"] == ["height", "width", "channels"] and cam["info"]["video.codec"] == "h264"
+    for name in ("timestamp", "frame_index", "episode_index", "index", "task_index", "next.reward", "next.done"):
+        assert feats[name]["shape"] == [1], name
+
+    data = pq.read_table(out / "data/chunk-000/file-000.parquet")
+    assert set(data.column_names) == {k for k, f in feats.items() if f["dtype"] != "video"}
+    state_type = data.schema.field("observation.state").type  # HF datasets' Sequence(float32, length=7)
+    assert pa.types.is_fixed_size_list(state_type) and state_type.list_size == 7
+    assert state_type.value_type == pa.float32()
+    col = lambda name: data.column(name).to_numpy() if data.column(name).type.num_fields == 0 else \
+        np.array(data.column(name).to_pylist())
+    np.testing.assert_array_equal(col("index"), np.arange(sum(frames)))
+    np.testing.assert_array_equal(col("episode_index"), np.repeat(np.arange(3), frames))
+    np.testing.assert_array_equal(col("frame_index"), np.concatenate([np.arange(n) for n in frames]))
+    np.testing.assert_allclose(col("timestamp"), np.concatenate([np.arange(n) / 10 for n in frames]), atol=1e-6)
+    np.testing.assert_array_equal(col("observation.state").astype(np.float32),
+                                  np.concatenate([e["obs"]["state"] for e in eps]))
+    acts = col("action").astype(np.float32)
+    np.testing.assert_array_equal(acts, np.concatenate([np.concatenate([e["action"], e["action"][-1:]]) for e in eps]))
+    final = col("complementary_info.final_frame")
+    assert final.sum() == 3 and np.flatnonzero(final).tolist() == list(np.cumsum(frames) - 1)
+    done = col("next.done")
+    assert done[final].all() and done[np.flatnonzero(final) - 1].tolist() == [True, True, True]
+    np.testing.assert_array_equal(col("next.reward")[~final], np.concatenate([e["reward"] for e in eps]))
+
+    episodes = pq.read_table(out / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
+    assert [e["length"] for e in episodes] == frames and [e["tasks"] for e in episodes] == [[ENV_ID]] * 3
+    assert [e["dataset_from_index"] for e in episodes] == [0, frames[0], frames[0] + frames[1]]
+    assert [e["dataset_to_index"] for e in episodes] == list(np.cumsum(frames))
+    assert episodes[1]["videos/observation.images.wrist/from_timestamp"] == pytest.approx(frames[0] / 10)
+    tasks = pq.read_table(out / "meta/tasks.parquet")
+    assert tasks.column("task").to_pylist() == [ENV_ID] and tasks.column("task_index").to_pylist() == [0]
+    assert json.loads(tasks.schema.metadata[b"pandas"])["index_columns"] == ["task"]
+    stats = json.loads((out / "meta/stats.json").read_text())
+    assert stats["observation.state"]["count"] == [sum(frames)]
+    assert np.allclose(stats["observation.state"]["mean"], np.concatenate([e["obs"]["state"] for e in eps]).mean(0),
+                       atol=1e-5)
+    assert np.array(stats["observation.images.front"]["mean"]).shape == (3, 1, 1)
+
+    for cam in ("front", "wrist"):  # OpenCV's own FFmpeg decodes the H.264 files
+        cap = cv2.VideoCapture(str(out / f"videos/observation.images.{cam}/chunk-000/file-000.mp4"))
+        decoded = []
+        while True:
+            ok, bgr = cap.read()
+            if not ok:
+                break
+            decoded.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        cap.release()
+        assert len(decoded) == sum(frames)
+        decoded = np.stack(decoded)
+        start = 0
+        for e, n in zip(eps, frames):
+            assert image_mae(decoded[start:start + n], e["obs"][f"images/{cam}"]) <= VIDEO_MAE_BOUND
+            start += n
+
+
+def test_robomimic_layout(src, tmp_path):
+    out, _ = export_dataset(src.path, "robomimic", tmp_path / "demos.hdf5")
+    eps = [src.episode(i) for i in range(3)]
+    with h5py.File(out, "r") as f:
+        data = f["data"]
+        assert sorted(data) == ["demo_0", "demo_1", "demo_2"]
+        assert data.attrs["total"] == sum(len(e["action"]) for e in eps)
+        env_args = json.loads(data.attrs["env_args"])
+        assert env_args == {"env_name": ENV_ID, "type": 2,
+                            "env_kwargs": {"image_size": SIZE, "cameras": ["front", "wrist"]}}
+        assert [x.decode() for x in f["mask/train"][()]] == ["demo_0", "demo_1", "demo_2"]
+        for i, e in enumerate(eps):
+            g, T = data[f"demo_{i}"], len(e["action"])
+            assert g.attrs["num_samples"] == T
+            assert sorted(g["obs"]) == sorted(g["next_obs"]) == ["front_image", "state", "tcp_pose", "wrist_image"]
+            np.testing.assert_array_equal(g["obs/front_image"][()], e["obs"]["images/front"][:-1])
+            np.testing.assert_array_equal(g["next_obs/front_image"][()], e["obs"]["images/front"][1:])
+            np.testing.assert_array_equal(g["actions"][()], e["action"])
+            np.testing.assert_array_equal(g["rewards"][()], e["reward"])
+            np.testing.assert_array_equal(g["dones"][()], (e["terminated"] | e["truncated"]).astype(int))
+
+
+def test_existing_target_refused_unless_overwrite(src, tmp_path):
+    for fmt in FORMATS:
+        out = export_path(tmp_path, fmt)
+        export_dataset(src.path, fmt, out)
+        stamp = out.stat().st_mtime_ns
+        with pytest.raises(DatasetError, match="exists; pass --overwrite"):
+            export_dataset(src.path, fmt, out)
+        assert out.stat().st_mtime_ns == stamp
+        export_dataset(src.path, fmt, out, overwrite=True)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(DatasetError, match="not a lerobot export"):
+        export_dataset(src.path, "lerobot", other, overwrite=True)
+    assert (other / "keep.txt").read_text() == "mine"
+    argv = ["demos", "export", str(src.path), "--format", "mcap", "--out", str(export_path(tmp_path, "mcap"))]
+    assert cli_main(argv) == 2
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.fixture
+def damaged(src, tmp_path) -> Path:
+    """A copy of the dataset whose episode 1 is cut short (as a crash of a copy would leave it)."""
+    path = tmp_path / "damaged"
+    shutil.copytree(src.path, path)
+    victim = path / "episode_000001.h5"
+    victim.write_bytes(victim.read_bytes()[:4000])
+    return path
+
+
+def test_corrupt_episode_skipped_with_warning_or_error_when_strict(damaged, tmp_path):
+    with pytest.warns(UserWarning, match="episode_000001.h5"):
+        out, n = export_dataset(damaged, "robomimic", tmp_path / "d.hdf5")
+    assert n == 2
+    with h5py.File(out) as f:
+        assert sorted(f["data"]) == ["demo_0", "demo_1"]
+    with pytest.raises(DatasetError, match="episode_000001.h5"):
+        export_dataset(damaged, "robomimic", tmp_path / "strict.hdf5", strict=True)
+    assert not (tmp_path / "strict.hdf5").exists()
+
+
+def test_damaged_episode_in_an_import_source_is_skipped(src, tmp_path):
+    out, _ = export_dataset(src.path, "robomimic", tmp_path / "d.hdf5")
+    with h5py.File(out, "a") as f:
+        del f["data/demo_1/actions"]
+    with pytest.warns(UserWarning, match="demo_1"):
+        back, n = import_dataset(out, "robomimic", tmp_path / "back")
+    assert n == 2 and len(back) == 2
+    np.testing.assert_array_equal(back.episode(1)["action"], src.episode(2)["action"])
+    with pytest.raises(DatasetError, match="demo_1"):
+        import_dataset(out, "robomimic", tmp_path / "strict", strict=True)
+    assert not (tmp_path / "strict").exists() and not list(tmp_path.glob(".strict*"))  # nothing half-imported
+
+
+def test_import_checks_specs_against_the_env(src, tmp_path):
+    out, _ = export_dataset(src.path, "mcap", tmp_path / "bag")
+    with pytest.raises(DatasetError, match="'images/front' is in the dataset but not in the environment"):
+        import_dataset(out, "mcap", tmp_path / "a", env_id="robolearn/PandaPickCube-v0")
+    assert not (tmp_path / "a").exists()
+    env = rsim.make(ENV_ID, image_size=64)  # an existing dataset with other image sizes
+    DatasetWriter(tmp_path / "b", ENV_ID, env.observation_space, env.action_space, fps=10).close()
+    env.close()
+    with pytest.raises(DatasetError, match="'images/front' has shape"):
+        import_dataset(out, "mcap", tmp_path / "b")
+    assert cli_main(["demos", "import", str(out), "--format", "mcap", "--out", str(tmp_path / "c"),
+                     "--env", "robolearn/PandaReach-v0"]) == 2
+
+
+def run_cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "robolearn.cli", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+    return proc
+
+
+def test_demos_info_reports_counts_success_and_sizes(src, damaged):
+    proc = run_cli("demos", "info", str(src.path))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    lengths = [len(src.episode(i)["action"]) for i in range(3)]
+    assert "episodes:      3" in out and f"steps:         {sum(lengths)}" in out
+    assert "success rate:  66.7% (2/3)" in out
+    assert f"min {min(lengths)}" in out and f"max {max(lengths)}" in out
+    assert "interventions: 2 steps in 1 episodes" in out
+    assert "images/front  (32, 32, 3)  uint8" in out and "episode_000002.h5" in out
+    summary = json.loads(run_cli("demos", "info", str(damaged), "--json").stdout)
+    assert summary["episodes"] == 2 and summary["skipped"] == 1
+    strict = run_cli("demos", "info", str(damaged), "--strict")
+    assert strict.returncode == 2 and "episode_000001.h5" in strict.stderr and "Traceback" not in strict.stderr
+
+
+def test_demos_replay_reproduces_and_writes_mp4(src, tmp_path):
+    import imageio.v3 as iio
+
+    video = tmp_path / "ep0.mp4"
+    proc = run_cli("demos", "replay", str(src.path), "--episode", "0", "--video", str(video))
+    assert proc.returncode == 0, proc.stderr
+    assert "replayed in simulation: reproduced" in proc.stdout and "state: 0" in proc.stdout
+    frames = iio.imread(video)
+    assert frames.shape == (len(src.episode(0)["action"]) + 1, SIZE, 2 * SIZE, 3)  # cameras side by side
+    proc = run_cli("demos", "replay", str(src.path), "--episode", "9")
+    assert proc.returncode == 2 and "no episode 9" in proc.stderr
