@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   the main job (scripted pick-cube expert in simulation, success rate + an mp4)
+#   make demo   the main job (20 scripted pick-cube demos, then SERL trained to 90% success)
 #   make test   the test suite
 # Both create .venv and install what is missing, Debian packages included (apt-get when root).
 
@@ -21,10 +21,21 @@ export ROS_LOCALHOST_ONLY := 1
 
 .PHONY: demo test setup sysdeps bench clean
 
+# The main job: 20 scripted pick-cube demonstrations, then SERL (RLPD) from states until eval
+# success >= 90% or 20k env steps; checkpoint, learning curve and eval video under runs/demo/.
+DEMO_ENV := robolearn/PandaPickCube-v0
+DEMO_ENV_SET := --env-set terminate_on_success=false
 demo: setup
-	$(VENV)/bin/robolearn rollout --env robolearn/PandaPickCube-v0 --policy scripted \
-		--episodes 100 --video runs/demo/pick_cube_scripted.mp4
-	@echo "demo video: runs/demo/pick_cube_scripted.mp4"
+	rm -rf runs/demo
+	$(VENV)/bin/robolearn rollout --env $(DEMO_ENV) --policy scripted --episodes 20 --seed 10000 \
+		$(DEMO_ENV_SET) --record runs/demo/demos
+	$(VENV)/bin/robolearn train --agent serl --env $(DEMO_ENV) --demos runs/demo/demos $(DEMO_ENV_SET) \
+		--set num_critics=2 --set utd_ratio=8 --set nstep=3 --frames 20000 --eval-every 1000 \
+		--target-success 0.9 --out runs/demo/serl
+	@echo "demonstrations:  runs/demo/demos"
+	@echo "checkpoint:      runs/demo/serl/checkpoints"
+	@echo "learning curve:  runs/demo/serl/learning_curve.png"
+	@echo "eval video:      runs/demo/serl/eval.mp4"
 
 test: setup
 	@export ROS_DOMAIN_ID=$$(( RANDOM % 200 + 20 )); \

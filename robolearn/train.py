@@ -77,7 +77,7 @@ def build_agent(name: str, env, overrides: dict, seed: int, agent_config: dict |
 def loop_params(name: str, cfg, env) -> dict:
     """Per-agent cadence: batch per update call, updates every k steps, n-step, gamma, stacking."""
     if name == "serl":
-        return {"batch": cfg.batch_size * cfg.utd_ratio, "every": 1, "nstep": 1, "gamma": cfg.gamma,
+        return {"batch": cfg.batch_size * cfg.utd_ratio, "every": 1, "nstep": cfg.nstep, "gamma": cfg.gamma,
                 "frame_stack": cfg.frame_stack, "seed_steps": 0}
     return {"batch": cfg.batch_size, "every": cfg.update_every_steps, "nstep": cfg.nstep,
             "gamma": cfg.discount, "frame_stack": getattr(env.unwrapped, "frame_stack", 1),

@@ -333,3 +333,29 @@ def test_optimizer_state_round_trip_through_tensors():
         load_optimizer_state_from_tensors(opt2, {"opt.0.exp_avg": torch.zeros(5)}, "opt")
     with pytest.raises(KeyError):
         load_optimizer_state_from_tensors(opt2, {"opt.9.exp_avg": torch.zeros(1)}, "opt")
+
+
+def test_every_utd_minibatch_keeps_the_demo_online_mix():
+    # MixedReplay puts the demo half first; each critic step (and the actor step on the last
+    # minibatch) must still see half demos, as RLPD's symmetric sampling. Demos carry reward 1.
+    from robolearn.agents import serl as serl_mod
+    from robolearn.replay import MixedReplay, ReplayBuffer
+
+    space = gym.spaces.Dict({"state": gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)})
+    def buffer(reward):
+        buf = ReplayBuffer(200, space, ACTION_SPACE)
+        for ep in range(3):
+            buf.add_first({"state": np.zeros(3, np.float32)})
+            for t in range(20):
+                buf.add(np.zeros(4, np.float32), reward, {"state": np.full(3, t, np.float32)}, False, t == 19)
+        return buf
+    mixed = MixedReplay(buffer(0.0), buffer(1.0), demo_ratio=0.5)
+    batch = mixed.sample(32 * 4, np.random.default_rng(0))
+    assert batch["reward"][:64].eq(1).all() and batch["reward"][64:].eq(0).all()  # demo half first
+    parts = serl_mod.minibatches(batch, 4)
+    assert len(parts) == 4
+    for part in parts:
+        assert part["reward"].shape == (32,) and part["obs"]["state"].shape == (32, 3)
+        assert part["reward"].mean().item() == 0.5
+    # every row is used exactly once
+    assert sorted(torch.cat([p["reward"] for p in parts]).tolist()) == sorted(batch["reward"].tolist())

@@ -35,3 +35,14 @@ def check_finite(loss: torch.Tensor, name: str, step: int, batch: dict) -> None:
     """Raise NonFiniteLossError before a non-finite loss reaches an optimizer step."""
     if not bool(torch.isfinite(loss)):
         raise NonFiniteLossError(name, step, float(loss.detach()), batch_stats(batch))
+
+
+def check_batch_finite(batch: dict, name: str, step: int) -> None:
+    """Raise NonFiniteLossError (as `name`'s loss would be) for a batch with NaN/inf, before any step.
+
+    An update split into several optimizer steps must check up front: a bad row in a later
+    minibatch would otherwise surface only after earlier steps had changed the weights.
+    """
+    stats = batch_stats(batch)
+    if any(s["non_finite"] for s in stats.values()):
+        raise NonFiniteLossError(name, step, float("nan"), stats)

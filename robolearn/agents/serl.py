@@ -6,7 +6,7 @@ binary reward classifier SERL uses in place of a hand-written reward on real rob
 
 The update, as RLPD's and SERL's `update_high_utd`: the caller samples ONE batch of
 `batch_size * utd_ratio` transitions (RLPD: half online, half demos); the agent splits it into
-`utd_ratio` minibatches, takes one critic step (and Polyak target step) on each, then one actor
+`utd_ratio` strided minibatches (each keeps the batch's demo/online mix), takes one critic step (and Polyak target step) on each, then one actor
 and one temperature step on the last minibatch (RLPD; SERL uses the whole batch, which costs
 utd_ratio times more actor compute for no reported gain).
 
@@ -33,7 +33,7 @@ from torch import nn
 
 from robolearn.agents.base import default_device, obs_to_torch
 from robolearn.agents.encoders import DictObsEncoder, FrozenEncoder, feature_key, image_keys_of, random_shift
-from robolearn.agents.errors import check_finite
+from robolearn.agents.errors import check_batch_finite, check_finite
 from robolearn.agents.serialize import load_training_state, optimizer_hparams, training_state_to_tensors
 
 
@@ -44,6 +44,9 @@ class SERLConfig:
     # The replay computes n-step returns and batch["discount"] = gamma^n (0 at termination) with
     # this gamma; the agent itself only reads batch["discount"].
     gamma: float = 0.99
+    # n-step returns (the replay computes them at sample time). RLPD and SERL use 1; 3 propagates
+    # a 100-step task's reward back to its start in a third of the critic steps.
+    nstep: int = 1
     tau: float = 0.005
     lr: float = 3e-4
     batch_size: int = 256  # per critic step; update() takes batch_size * utd_ratio transitions
@@ -80,6 +83,13 @@ class SERLConfig:
         tuples = {f.name for f in fields(cls) if "tuple" in str(f.type)}
         return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in d.items()})
 
+
+# The setting robolearn's CPU benchmarks and `make demo` train SERL with (docs/training.md): 2
+# critics make a critic step ~4x cheaper than 10, which buys UTD 8 at ~10 env steps/s on 2 cores,
+# and 3-step returns carry a 100-step task's reward back in a third of the backups. With these,
+# PandaPickCube from states reaches 90% in ~5-7k env steps; SERL's defaults (10 critics, UTD 4,
+# 1-step) learn too, more slowly per second here.
+CPU_OVERRIDES = {"num_critics": 2, "utd_ratio": 8, "nstep": 3}
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
@@ -165,6 +175,21 @@ def adam(params, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except RuntimeError:
         return torch.optim.Adam(params, lr=lr)
+
+
+def minibatches(batch: dict, utd: int) -> list[dict]:
+    """Split a batch into `utd` strided minibatches: minibatch i takes rows i, i+utd, i+2*utd, ...
+
+    Strided, not contiguous: MixedReplay puts the demo half first, so contiguous slices would
+    give pure-demo and pure-online critic steps (and an actor step on online data only) instead
+    of RLPD's symmetric half-and-half in every step.
+    """
+    def take(x):
+        return {k: take(v) for k, v in x.items()} if isinstance(x, dict) else x[i::utd]
+    out = []
+    for i in range(utd):
+        out.append({k: take(batch[k]) for k in ("obs", "next_obs", "action", "reward", "discount")})
+    return out
 
 
 # -- the agent -------------------------------------------------------------------------------
@@ -271,16 +296,13 @@ class SERLAgent:
         if n % utd:
             raise ValueError(f"batch of {n} does not split into utd_ratio={utd} minibatches "
                              f"(sample batch_size * utd_ratio = {cfg.batch_size * utd})")
-        mb = n // utd
+        check_batch_finite(batch, "critic", step)
         # Frozen features once for the whole batch, shared by the utd minibatches.
         with torch.no_grad():
             obs = self._with_features(batch["obs"], augment=True)
             next_obs = self._with_features(batch["next_obs"], augment=True)
         metrics: dict[str, list[torch.Tensor]] = {"critic_loss": [], "q": [], "target_q": []}
-        for i in range(utd):
-            sl = slice(i * mb, (i + 1) * mb)
-            part = {"obs": {k: v[sl] for k, v in obs.items()}, "next_obs": {k: v[sl] for k, v in next_obs.items()},
-                    "action": batch["action"][sl], "reward": batch["reward"][sl], "discount": batch["discount"][sl]}
+        for part in minibatches({**batch, "obs": obs, "next_obs": next_obs}, utd):
             feat, m = self._update_critic(part, step)
             for k, v in m.items():
                 metrics[k].append(v)
