@@ -8,8 +8,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.robolearn-installed
-# libosmesa6: headless MuJoCo rendering on CPU; libusb-1.0-0: pyrealsense2.
-APT_PACKAGES := libosmesa6 libusb-1.0-0
+# libosmesa6: headless MuJoCo rendering on CPU; libusb-1.0-0: pyrealsense2; tmux: the keyboard-teleop tests drive `robolearn record` in a real terminal.
+APT_PACKAGES := libosmesa6 libusb-1.0-0 tmux
 # A pinned torch: on machines that carry its CPU wheel pip takes that one; elsewhere PyPI's
 # build (CUDA on Linux x86_64). Override for another index, e.g. TORCH_SPEC="torch==2.13.0 --index-url URL".
 TORCH_SPEC ?= torch==2.13.0

@@ -34,15 +34,16 @@ class SafetyConfig:
     joint_velocity_limit: tuple[float, ...] = (2.175, 2.175, 2.175, 2.175, 2.61, 2.61, 2.61)
 
 
-def harden_joint_limits(model: mujoco.MjModel, joint_ids, cfg: SafetyConfig, timeconst: float = 0.01) -> None:
-    """Make MuJoCo's soft joint limits hold the model range: act joint_margin early, stiffer than default.
+def harden_joint_limits(model: mujoco.MjModel, joint_ids, cfg: SafetyConfig, timeconst: float | None = None) -> None:
+    """Make MuJoCo's soft joint limits hold the model range: act joint_margin early, as stiff as stable.
 
     With MuJoCo's defaults (no margin, 20 ms) an impedance-driven arm pushed into a limit went up
-    to 15 mrad past it; a 10 ms constraint acting joint_margin early holds the range in all but
-    the most violent wrist slams (docs/controllers.md, "Known limits").
+    to 15 mrad past it, and a 10 ms constraint still let a folding elbow or wrist slam 26 mrad
+    past it; a constraint of two physics steps (the stiffest MuJoCo integrates stably) acting
+    joint_margin early holds the range (docs/controllers.md, "Known limits").
     """
     model.jnt_margin[joint_ids] = cfg.joint_margin
-    model.jnt_solref[joint_ids] = (timeconst, 1.0)
+    model.jnt_solref[joint_ids] = (timeconst or 2.0 * model.opt.timestep, 1.0)
 
 
 def require_finite(values, what: str) -> np.ndarray:
