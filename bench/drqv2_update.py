@@ -8,17 +8,37 @@ channels_last=False and fused_adam=False. The two alternate update by update, so
 on a shared machine hits both alike; figures are medians. FLOPs come from
 torch.utils.flop_counter over one update (matmuls and convolutions, forward and backward).
 Beside wall seconds it reports the process's CPU seconds per update (all threads), which a busy
-machine inflates much less. The last stdout line is one JSON object.
+machine inflates much less. Both agents run under the same process settings: malloc keeps freed
+memory (robolearn.cpu.reuse_freed_memory) and OpenMP's wait policy is chosen by
+--omp-wait-policy. The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
-# Other processes often share these cores; a spinning OpenMP barrier then stalls for a whole time
-# slice whenever a peer thread is descheduled (measured: 2.8x slower here under a load of 4).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from robolearn.cpu import busy_cores, reuse_freed_memory
+
+# OpenMP's wait policy is read once, when torch starts its thread pool, so it is chosen before
+# torch is imported. Spinning threads (ACTIVE) start each of an update's ~700 parallel regions
+# without a futex wake-up: 10-20% faster on an idle machine. On a shared one a spinning barrier
+# stalls for a whole time slice whenever a peer thread is descheduled (measured: 2.8x slower
+# under a load of 4), so `auto` spins only when the machine is idle before the run starts.
+_pre = argparse.ArgumentParser(add_help=False)
+_pre.add_argument("--omp-wait-policy", choices=("auto", "active", "passive"), default="auto")
+_pre.add_argument("--malloc", choices=("reuse", "default"), default="reuse")
+_pre_args = _pre.parse_known_args()[0]
+_policy = _pre_args.omp_wait_policy
+BUSY_BEFORE = busy_cores(1.0)
+if "OMP_WAIT_POLICY" not in os.environ:
+    if _policy == "auto":
+        _policy = "active" if BUSY_BEFORE is not None and BUSY_BEFORE < 0.25 else "passive"
+    os.environ["OMP_WAIT_POLICY"] = _policy.upper()
+if "torch" in sys.modules:
+    raise RuntimeError("bench/drqv2_update.py must choose OMP_WAIT_POLICY before torch is imported")
+MALLOC_REUSE = _pre_args.malloc == "reuse" and reuse_freed_memory()
 
 import json  # noqa: E402
 import statistics  # noqa: E402
@@ -66,6 +86,13 @@ def main() -> None:
     parser.add_argument("--action-dim", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default=None, help="default: CUDA when present, else CPU")
+    parser.add_argument("--omp-wait-policy", choices=("auto", "active", "passive"), default="auto",
+                        help="OpenMP threads spin (active) or sleep (passive) between parallel regions; auto: "
+                             "active when other processes use under a quarter of a core (an OMP_WAIT_POLICY "
+                             "in the environment wins)")
+    parser.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
+                        help="reuse: malloc keeps freed memory, as `robolearn train` sets it; default: glibc's own "
+                             "(large blocks go back to the kernel on free and fault back in)")
     args = parser.parse_args()
     ref_updates = args.updates if args.reference_updates is None else args.reference_updates
 
@@ -79,8 +106,10 @@ def main() -> None:
                                                        fused_adam=False), device)
     batches = [make_batch(args.batch_size, args.action_dim, device, seed) for seed in range(2)]
     step = cfg.num_seed_steps + 1000
+    busy = "unknown" if BUSY_BEFORE is None else f"{BUSY_BEFORE:.2f}"
     print(f"device {device}, threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
-          f"batch {args.batch_size}, chunk {ours.chunk_size}, load {os.getloadavg()[0]:.2f}", flush=True)
+          f"malloc reuse {MALLOC_REUSE}, cores busy before the run {busy}, batch {args.batch_size}, "
+          f"chunk {ours.chunk_size}, load {os.getloadavg()[0]:.2f}", flush=True)
 
     with FlopCounterMode(display=False) as counter:
         ours.update(batches[0], step)
@@ -111,7 +140,9 @@ def main() -> None:
     out = {"seconds_per_update": round(sec, 4), "gflop_per_update": round(gflop, 2),
            "gflops": round(gflop / sec, 1), "cpu_seconds_per_update": round(cpu, 4),
            "batch_size": args.batch_size, "updates": args.updates, "device": str(device),
-           "threads": torch.get_num_threads(), "load_avg_1min": round(os.getloadavg()[0], 2)}
+           "threads": torch.get_num_threads(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+           "malloc_reuse": MALLOC_REUSE, "busy_cores_before": None if BUSY_BEFORE is None else round(BUSY_BEFORE, 2),
+           "load_avg_1min": round(os.getloadavg()[0], 2)}
     if t_ref:
         ref_sec = statistics.median(t for t, _ in t_ref)
         ref_cpu = statistics.median(c for _, c in t_ref)

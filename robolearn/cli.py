@@ -79,6 +79,9 @@ def _parse_overrides(items: list[str]) -> dict:
 
 
 def cmd_train(args) -> int:
+    from robolearn.cpu import reuse_freed_memory
+
+    reuse_freed_memory()  # updates reuse their activations' pages instead of faulting them in again
     import torch
 
     from robolearn.train import TrainConfig, train
