@@ -17,27 +17,29 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from robolearn.cpu import busy_cores, reuse_freed_memory
 
 # OpenMP's wait policy is read once, when torch starts its thread pool, so it is chosen before
-# torch is imported. Spinning threads (ACTIVE) start each of an update's ~700 parallel regions
+# torch is imported. Spinning threads (ACTIVE) start each of an update's parallel regions
 # without a futex wake-up: 10-20% faster on an idle machine. On a shared one a spinning barrier
 # stalls for a whole time slice whenever a peer thread is descheduled (measured: 2.8x slower
 # under a load of 4), so `auto` spins only when the machine is idle before the run starts.
-_pre = argparse.ArgumentParser(add_help=False)
-_pre.add_argument("--omp-wait-policy", choices=("auto", "active", "passive"), default="auto")
-_pre.add_argument("--malloc", choices=("reuse", "default"), default="reuse")
-_pre_args = _pre.parse_known_args()[0]
+PROCESS_ARGS = argparse.ArgumentParser(add_help=False)
+PROCESS_ARGS.add_argument("--omp-wait-policy", choices=("auto", "active", "passive"), default="auto",
+                          help="OpenMP threads spin (active) or sleep (passive) between parallel regions; auto: "
+                               "active when other processes use under a quarter of a core (an OMP_WAIT_POLICY "
+                               "in the environment wins)")
+PROCESS_ARGS.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
+                          help="reuse: malloc keeps freed memory, as `robolearn train` sets it; default: glibc's "
+                               "own (large blocks go back to the kernel on free and fault back in)")
+_pre_args = PROCESS_ARGS.parse_known_args()[0]
 _policy = _pre_args.omp_wait_policy
 BUSY_BEFORE = busy_cores(1.0)
 if "OMP_WAIT_POLICY" not in os.environ:
     if _policy == "auto":
         _policy = "active" if BUSY_BEFORE is not None and BUSY_BEFORE < 0.25 else "passive"
     os.environ["OMP_WAIT_POLICY"] = _policy.upper()
-if "torch" in sys.modules:
-    raise RuntimeError("bench/drqv2_update.py must choose OMP_WAIT_POLICY before torch is imported")
 MALLOC_REUSE = _pre_args.malloc == "reuse" and reuse_freed_memory()
 
 import json  # noqa: E402
@@ -77,7 +79,7 @@ def timed(fn, device: torch.device) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, parents=[PROCESS_ARGS])
     parser.add_argument("--updates", type=int, default=10, help="timed updates of ours")
     parser.add_argument("--reference-updates", type=int, default=None,
                         help="timed reference-like updates (default: same as --updates; 0 skips)")
@@ -86,13 +88,6 @@ def main() -> None:
     parser.add_argument("--action-dim", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default=None, help="default: CUDA when present, else CPU")
-    parser.add_argument("--omp-wait-policy", choices=("auto", "active", "passive"), default="auto",
-                        help="OpenMP threads spin (active) or sleep (passive) between parallel regions; auto: "
-                             "active when other processes use under a quarter of a core (an OMP_WAIT_POLICY "
-                             "in the environment wins)")
-    parser.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
-                        help="reuse: malloc keeps freed memory, as `robolearn train` sets it; default: glibc's own "
-                             "(large blocks go back to the kernel on free and fault back in)")
     args = parser.parse_args()
     ref_updates = args.updates if args.reference_updates is None else args.reference_updates
 

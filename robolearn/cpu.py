@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 import time
 
@@ -52,8 +53,6 @@ def _cpu_ticks() -> tuple[int, int] | None:
 def busy_cores(seconds: float = 0.5, cores: int | None = None) -> float | None:
     """Cores' worth of CPU time used by everything on the machine over the next `seconds` (this
     process included: call it before starting work). None where /proc/stat is missing."""
-    import os
-
     a = _cpu_ticks()
     time.sleep(seconds)
     b = _cpu_ticks()

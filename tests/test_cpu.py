@@ -35,7 +35,7 @@ def test_reuse_freed_memory_stops_large_blocks_faulting_in_again():
                              env={**os.environ, "GLIBC_TUNABLES": ""}).stdout.split()
         return out[0], int(out[1])
 
-    default_applied, default_faults = faults("default")
+    _, default_faults = faults("default")
     applied, reuse_faults = faults("reuse")
     assert applied == "True"
     # Transparent huge pages can serve part of the block 2 MB at a time, so compare the two runs
@@ -46,14 +46,9 @@ def test_reuse_freed_memory_stops_large_blocks_faulting_in_again():
 
 
 def test_busy_cores_is_a_share_of_the_machine():
-    busy = busy_cores_or_skip()
-    assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
-
-
-def busy_cores_or_skip():
     from robolearn.cpu import busy_cores
 
     busy = busy_cores(0.2)
     if busy is None:
         pytest.skip("no /proc/stat on this system: busy_cores has nothing to read")
-    return busy
+    assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
