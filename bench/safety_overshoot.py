@@ -38,9 +38,9 @@ def main() -> None:
             else:
                 a = np.append(corners[ep % 8] * (1 if (t // period) % 2 else -1), 1.0)
             env.step(a.astype(np.float32))
-            p, q = env.tool_pos(), env.arm.q(env.data)
+            p, q = env.arm.tool_pos(), env.arm.kin.q(env.arm.data)
             worst[kind] = max(worst[kind], np.max(low - p), np.max(p - high))
-            worst_joint = max(worst_joint, np.max(env.arm.q_low - q), np.max(q - env.arm.q_high))
+            worst_joint = max(worst_joint, np.max(env.arm.kin.q_low - q), np.max(q - env.arm.kin.q_high))
         if ep % 50 == 49:
             print(f"{ep + 1} episodes: " + ", ".join(f"{k} {v * 1000:.2f} mm" for k, v in worst.items()), flush=True)
     result = {f"max_box_violation_mm_{k}": round(v * 1000, 3) for k, v in worst.items()}

@@ -37,7 +37,7 @@ def time_env(env_id: str, steps: int, seed: int = 0) -> float:
 def time_bare(env_id: str, steps: int, render: bool, seed: int = 0) -> float:
     env = rsim.make(env_id).unwrapped
     env.reset(seed=seed)
-    m, d, n = env.model, env.data, env.n_substeps
+    m, d, n = env.arm.model, env.arm.data, env.arm.n_substeps
     cams, size = env.cfg.cameras, env.cfg.image_size
     renderer = mujoco.Renderer(m, size, size) if render else None
     t = time.perf_counter()
@@ -77,7 +77,7 @@ def main() -> None:
         "pixel_env_steps_per_s": round(med["pixel"], 2),
         "bare_render_env_steps_per_s": round(med["bare_render"], 2),
         "pixel_overhead_ratio": round(med["bare_render"] / med["pixel"], 3),
-        "physics_substeps_per_env_step": env.n_substeps,
+        "physics_substeps_per_env_step": env.arm.n_substeps,
         "cameras": list(env.cfg.cameras),
         "image_size": env.cfg.image_size,
         "mujoco_gl": __import__("os").environ.get("MUJOCO_GL"),

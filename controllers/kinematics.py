@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import mujoco
 import numpy as np
 
+from robolearn.controllers.rotations import orientation_error
+
 
 @dataclass
 class Arm:
@@ -63,17 +65,6 @@ class Arm:
         """6 x n geometric Jacobian (linear; angular) of the tool site over the arm's joints."""
         mujoco.mj_jacSite(self.model, data, self._jac[:3], self._jac[3:], self.site_id)
         return self._jac[:, self.dof_adr]
-
-
-def orientation_error(target_quat: np.ndarray, current_quat: np.ndarray) -> np.ndarray:
-    """World-frame rotation vector that turns current_quat into target_quat."""
-    conj, err, vel = np.empty(4), np.empty(4), np.empty(3)
-    mujoco.mju_negQuat(conj, current_quat)
-    mujoco.mju_mulQuat(err, target_quat, conj)
-    if err[0] < 0:  # shortest way round
-        err *= -1
-    mujoco.mju_quat2Vel(vel, err, 1.0)
-    return vel
 
 
 def pose_error(arm: Arm, data: mujoco.MjData, target_pos: np.ndarray, target_quat: np.ndarray) -> np.ndarray:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mujoco
 import numpy as np
 
-from robolearn.controllers.kinematics import orientation_error
+from robolearn.controllers.rotations import orientation_error, quat_mul, rotvec_to_quat
 
 
 class UnsafeCommandError(ValueError):
@@ -30,11 +29,11 @@ class SafetyConfig:
     # A tool found outside the box (impedance tracking error at speed, friction on the table)
     # has the violated wall of the target box moved inward by this many times its overshoot.
     workspace_recovery_gain: float = 2.0
-    joint_margin: float = 0.02  # joint targets, and PandaEnv's MuJoCo limits, this far inside the range
+    joint_margin: float = 0.02  # joint targets, and the simulator's MuJoCo limits, this far inside the range
     joint_velocity_limit: tuple[float, ...] = (2.175, 2.175, 2.175, 2.175, 2.61, 2.61, 2.61)
 
 
-def harden_joint_limits(model: mujoco.MjModel, joint_ids, cfg: SafetyConfig, timeconst: float | None = None) -> None:
+def harden_joint_limits(model, joint_ids, cfg: SafetyConfig, timeconst: float | None = None) -> None:
     """Make MuJoCo's soft joint limits hold the model range: act joint_margin early, as stiff as stable.
 
     With MuJoCo's defaults (no margin, 20 ms) an impedance-driven arm pushed into a limit went up
@@ -96,10 +95,7 @@ def clamp_tool_rotation(current_quat: np.ndarray, target_quat: np.ndarray, cfg: 
     angle = float(np.linalg.norm(err))
     if angle <= cfg.max_rotation_step:
         return target
-    turn, out = np.empty(4), np.empty(4)
-    mujoco.mju_axisAngle2Quat(turn, err / angle, cfg.max_rotation_step)
-    mujoco.mju_mulQuat(out, turn, np.asarray(current_quat, dtype=float))
-    return out
+    return quat_mul(rotvec_to_quat(err * (cfg.max_rotation_step / angle)), np.asarray(current_quat, dtype=float))
 
 
 def clamp_joint_target(q: np.ndarray, q_target: np.ndarray, q_low: np.ndarray, q_high: np.ndarray,

@@ -308,8 +308,9 @@ def load_agent(path: str | Path, env=None):
         expected = {"observation_space": {k: list(v.shape) for k, v in env.observation_space.spaces.items()},
                     "action_shape": list(env.action_space.shape)}
         ckpt_io.check_matches(config, expected, ckpt)
-    from robolearn.sim import make
-    env = env or make(config["env_id"])
+    if env is None:
+        from robolearn.sim import make
+        env = make(config["env_id"])
     agent, _ = build_agent(config["agent"], env, {}, 0, config["agent_config"])
     try:
         agent.load_state_dict(weights)

@@ -29,8 +29,8 @@ def _task(name: str):
 
 
 def make_panda(task: str, pixels: bool = False, env_id: str | None = None, render_mode=None, **overrides):
-    """Build a PandaEnv for `task`; keyword overrides set PandaEnvConfig fields (image_size=64 ...)."""
-    from robolearn.sim.panda_env import PandaEnv, PandaEnvConfig
+    """The robot env for a Panda `task`; keyword overrides set PandaEnvConfig fields (image_size=64 ...)."""
+    from robolearn.sim.panda_env import PandaEnvConfig, make_panda_env
     t = _task(task)
     base = t.default_env_config() if hasattr(t, "default_env_config") else PandaEnvConfig()
     valid = {f.name for f in fields(PandaEnvConfig)}
@@ -40,7 +40,7 @@ def make_panda(task: str, pixels: bool = False, env_id: str | None = None, rende
     if "cameras" in overrides:
         overrides["cameras"] = tuple(overrides["cameras"])
     cfg = replace(base, pixels=pixels, **overrides)
-    return PandaEnv(t, cfg, render_mode=render_mode, env_id=env_id)
+    return make_panda_env(t, cfg, render_mode=render_mode, env_id=env_id)
 
 
 def panda_ids() -> list[str]:

@@ -1,21 +1,15 @@
 """Reset handlers: put the arm and the task's objects in a random start within configured ranges.
 
-`ResetHandler` is the interface hardware reset handlers implement too (hardware/resets.py):
-one call, a seeded numpy Generator in, an info dict out. In simulation the arm start and the
+`SimReset` implements robolearn.robot.ResetHandler, the interface hardware reset handlers
+implement too: one call, a seeded numpy Generator in, an info dict out. In simulation the arm start and the
 object poses are drawn from `rng` alone, so the same seed gives the same start.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
-
 import mujoco
 import numpy as np
-
-
-class ResetHandler(Protocol):
-    def reset(self, rng: np.random.Generator) -> dict: ...
 
 
 @dataclass
@@ -28,23 +22,23 @@ class ResetConfig:
 
 
 class SimReset:
-    """Resets a PandaEnv: home posture plus joint noise, task objects randomized by the task."""
+    """Resets a MujocoArm scene: home posture plus joint noise, task objects randomized by the task."""
 
-    def __init__(self, env, cfg: ResetConfig):
-        self.env, self.cfg = env, cfg
+    def __init__(self, arm, task, cfg: ResetConfig, safety, tool_quat):
+        self.arm, self.task, self.cfg, self.safety, self.tool_quat = arm, task, cfg, safety, tool_quat
 
     def reset(self, rng: np.random.Generator) -> dict:
-        env = self.env
-        m, d = env.model, env.data
-        mujoco.mj_resetDataKeyframe(m, d, env._home)
-        noise = rng.uniform(-self.cfg.arm_joint_noise, self.cfg.arm_joint_noise, env.arm.n)
-        d.qpos[env.arm.qpos_adr] = np.clip(d.qpos[env.arm.qpos_adr] + noise, env.arm.q_low, env.arm.q_high)
+        arm, kin = self.arm, self.arm.kin
+        m, d = arm.model, arm.data
+        mujoco.mj_resetDataKeyframe(m, d, arm.home_key)
+        noise = rng.uniform(-self.cfg.arm_joint_noise, self.cfg.arm_joint_noise, kin.n)
+        d.qpos[kin.qpos_adr] = np.clip(d.qpos[kin.qpos_adr] + noise, kin.q_low, kin.q_high)
         mujoco.mj_forward(m, d)
         # The joint noise can lift the tool past the box top (home is 13 mm below it): aim inside.
         inset = self.cfg.box_inset
-        env.set_tool_target(np.clip(env.tool_pos(), np.add(env.cfg.safety.workspace_low, inset),
-                                    np.subtract(env.cfg.safety.workspace_high, inset)))
-        info = env.task.reset(env, rng) or {}
+        arm.set_tool_target(np.clip(arm.tool_pos(), np.add(self.safety.workspace_low, inset),
+                                    np.subtract(self.safety.workspace_high, inset)), self.tool_quat)
+        info = self.task.reset(arm, rng) or {}
         mujoco.mj_forward(m, d)
-        env.simulate(self.cfg.settle_steps)
+        arm.simulate(self.cfg.settle_steps)
         return info

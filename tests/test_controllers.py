@@ -16,7 +16,7 @@ from robolearn.controllers.osc import OperationalSpace
 from robolearn.controllers.safety import (SafetyConfig, UnsafeCommandError, clamp_joint_target, clamp_tool_rotation,
                                           clamp_tool_target, joint_limit_torque, require_finite, require_shape)
 from robolearn.sim.model import ASSETS, load_model
-from robolearn.sim.panda_env import ARM_JOINTS
+from robolearn.sim.mujoco_arm import ARM_JOINTS
 
 POSTURES = {
     "home": None,  # the model's "home" keyframe
@@ -26,14 +26,14 @@ POSTURES = {
 STEPS = {"+x": (0.05, 0.0, 0.0), "-y": (0.0, -0.05, 0.0), "+z": (0.0, 0.0, 0.05)}
 DURATION, SETTLED_FROM = 1.0, 0.5  # s
 MAX_SETTLED_ERROR, MAX_DRIFT_DEG = 0.002, 1.0
-HOLD_STEPS = 50  # PandaEnv holds the posture torque for one 10 Hz control step of 2 ms physics steps
+HOLD_STEPS = 50  # MujocoArm holds the posture torque for one 10 Hz control step of 2 ms physics steps
 SLOW = settings(max_examples=40, deadline=None)
 
 
 def panda(posture: np.ndarray | None = None):
     """Panda model at a posture with the native impedance configured, stepped as the workcell steps it."""
     model = load_model(ASSETS / "panda.xml")
-    model.opt.integrator = mujoco.mjtIntegrator.mjINT_IMPLICITFAST  # as workcell.xml, which PandaEnv runs
+    model.opt.integrator = mujoco.mjtIntegrator.mjINT_IMPLICITFAST  # as workcell.xml, which MujocoArm runs
     imp = configure_native(model, ImpedanceConfig())
     data = mujoco.MjData(model)
     mujoco.mj_resetDataKeyframe(model, data, model.key("home").id)
@@ -69,7 +69,7 @@ def step_response(controller: str, posture_name: str, offset) -> tuple[np.ndarra
             arm_kinematics(arm, data, cmd.q_target)
         else:
             mujoco.mj_step1(model, data)
-            if controller == "native":  # what PandaEnv.simulate does
+            if controller == "native":  # what MujocoArm.simulate does
                 if k % HOLD_STEPS == 0:
                     hold[:] = nullspace_posture_torque(arm, data, posture, ImpedanceConfig().nullspace_stiffness)
                 data.qfrc_applied[dofs] = data.qfrc_bias[dofs] + hold

@@ -6,18 +6,19 @@ import mujoco
 import numpy as np
 import pytest
 
-from robolearn.sim.panda_env import PandaEnv
+from robolearn.robot import RobotEnv
+from robolearn.sim.panda_env import make_panda_env
 from robolearn.sim.tasks.peg_insert import PegInsert, PegInsertConfig
 
 ENV_ID = "robolearn/PandaPegInsert-v0"
 
 
-def make_env(task: PegInsert | None = None, **overrides) -> PandaEnv:
+def make_env(task: PegInsert | None = None, **overrides) -> RobotEnv:
     task = task or PegInsert()
     cfg = task.default_env_config()
     for key, value in overrides.items():
         setattr(cfg, key, value)
-    return PandaEnv(task, config=cfg, env_id=ENV_ID)
+    return make_panda_env(task, cfg, env_id=ENV_ID)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,8 @@ def env():
 
 def peg_in_hand(env) -> np.ndarray:
     """Peg centre in the tool frame: constant while the grasp holds."""
-    rot = env.data.site_xmat[env.arm.site_id].reshape(3, 3)
-    return rot.T @ (env.data.body("peg").xpos - env.tool_pos())
+    rot = env.arm.data.site_xmat[env.arm.kin.site_id].reshape(3, 3)
+    return rot.T @ (env.arm.data.body("peg").xpos - env.arm.tool_pos())
 
 
 def run_expert(env, seed: int) -> tuple[bool, int, float]:
@@ -53,7 +54,7 @@ def test_expert_succeeds_over_100_seeds(env):
 
 
 def test_expert_succeeds_with_plain_env_config():
-    env = PandaEnv(PegInsert(), env_id=ENV_ID)  # PandaEnvConfig defaults: 0.1 m/step, 40 N
+    env = make_panda_env(PegInsert(), env_id=ENV_ID)  # PandaEnvConfig defaults: 0.1 m/step, 40 N
     assert np.mean([run_expert(env, seed)[0] for seed in range(20)]) >= 0.9
 
 
@@ -63,7 +64,7 @@ def test_peg_stays_in_gripper_with_zero_actions(env):
     for _ in range(100):
         env.step(np.zeros(3, np.float32))
     assert np.abs(peg_in_hand(env) - start).max() < 5e-4
-    assert env.gripper_width() == pytest.approx(2 * env.task.cfg.peg_half_width, abs=1e-3)
+    assert env.arm.gripper_width() == pytest.approx(2 * env.task.cfg.peg_half_width, abs=1e-3)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -76,13 +77,13 @@ def test_peg_stays_in_gripper_under_random_actions(env, seed):
     shift = peg_in_hand(env) - start
     # Bumping the block may nudge the peg in the fingers by a few mm; it must not leave them.
     assert np.abs(shift).max() < 0.01, shift
-    assert env.gripper_width() == pytest.approx(2 * h, abs=1.5e-3)
+    assert env.arm.gripper_width() == pytest.approx(2 * h, abs=1.5e-3)
 
 
 def test_grasp_is_friction_not_a_weld(env):
     weld = mujoco.mjtEq.mjEQ_WELD
-    assert not any(env.model.eq_type[i] == weld for i in range(env.model.neq))
-    assert env.model.body("peg").jntnum == 1 and env.task.uses_gripper is False
+    assert not any(env.arm.model.eq_type[i] == weld for i in range(env.arm.model.neq))
+    assert env.arm.model.body("peg").jntnum == 1 and env.task.uses_gripper is False
     assert env.action_space.shape == (3,)
 
 
@@ -90,20 +91,20 @@ def test_same_seed_same_hole_and_start():
     a, b = make_env(), make_env()
     info_a, info_b = a.reset(seed=7)[1], b.reset(seed=7)[1]
     assert info_a == info_b
-    np.testing.assert_array_equal(a.task.hole_top(a), b.task.hole_top(b))
+    np.testing.assert_array_equal(a.task.hole_top(a.arm), b.task.hole_top(b.arm))
     np.testing.assert_array_equal(a.reset(seed=7)[0]["state"], b.reset(seed=7)[0]["state"])
     cfg = a.task.cfg
     holes = np.array([a.reset(seed=k)[1]["hole_xy"] for k in range(20)])
     assert len(np.unique(holes, axis=0)) == 20
     assert np.all(holes >= cfg.hole_low) and np.all(holes <= cfg.hole_high)
-    np.testing.assert_allclose(a.task.hole_top(a)[:2], holes[-1])
+    np.testing.assert_allclose(a.task.hole_top(a.arm)[:2], holes[-1])
 
 
 def test_object_state_and_observation_shapes(env):
     obs, _ = env.reset(seed=1)
-    state = env.task.object_state(env)
+    state = env.task.object_state(env.arm)
     assert state.shape == (6,)
-    np.testing.assert_allclose(state[3:], [*env.task.hole_top(env)[:2], env.task.cfg.hole_top_z])
+    np.testing.assert_allclose(state[3:], [*env.task.hole_top(env.arm)[:2], env.task.cfg.hole_top_z])
     assert state[2] > state[5]  # the peg starts above the hole
     assert obs["state"].shape == (13,) and obs["state"].dtype == np.float32  # tool 3, vel 3, width 1, objects 6
     assert env.observation_space.contains(obs)
@@ -112,7 +113,7 @@ def test_object_state_and_observation_shapes(env):
 def test_success_false_at_reset(env):
     for seed in range(5):
         env.reset(seed=seed)
-        reward, success = env.task.score(env)
+        reward, success = env.task.score(env.arm)
         assert not success and 0.0 <= reward < 0.3
         _, _, terminated, _, info = env.step(np.zeros(3, np.float32))
         assert not info["success"] and not terminated
@@ -123,14 +124,14 @@ def test_success_definition():
     task = PegInsert(PegInsertConfig())
     env = make_env(task)
     env.reset(seed=2)
-    cfg, hole = task.cfg, task.hole_top(env)
-    adr = env.model.jnt_qposadr[env.model.joint("peg").id]
+    cfg, hole = task.cfg, task.hole_top(env.arm)
+    adr = env.arm.model.jnt_qposadr[env.arm.model.joint("peg").id]
 
     def place(dx: float, depth: float):
-        env.data.qpos[adr:adr + 3] = [hole[0] + dx, hole[1], hole[2] - depth + cfg.peg_length / 2]
-        env.data.qpos[adr + 3:adr + 7] = [1, 0, 0, 0]
-        mujoco.mj_forward(env.model, env.data)
-        return task.score(env)
+        env.arm.data.qpos[adr:adr + 3] = [hole[0] + dx, hole[1], hole[2] - depth + cfg.peg_length / 2]
+        env.arm.data.qpos[adr + 3:adr + 7] = [1, 0, 0, 0]
+        mujoco.mj_forward(env.arm.model, env.arm.data)
+        return task.score(env.arm)
 
     assert place(0.0, cfg.success_depth + 0.002) == (pytest.approx(1.0), True)
     assert place(0.0005, cfg.success_depth - 0.002)[1] is False

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from robolearn.sim.panda_env import PandaEnv
+from robolearn.robot import RobotEnv
+from robolearn.sim.panda_env import make_panda_env
 from robolearn.sim.tasks.pick_cube import PickCube
 
 BOX_TOLERANCE = 0.005  # m
@@ -28,22 +29,22 @@ PROPERTY = settings(max_examples=300, deadline=None, derandomize=True)
 @pytest.fixture(scope="module")
 def env():
     task = PickCube()
-    env = PandaEnv(task, task.default_env_config())  # the shipped task: its faster arm included
+    env = make_panda_env(task, task.default_env_config())  # the shipped task: its faster arm included
     yield env
     env.close()
 
 
-def assert_safe(env: PandaEnv, where: str, box_tolerance: float = BOX_TOLERANCE) -> None:
+def assert_safe(env: RobotEnv, where: str, box_tolerance: float = BOX_TOLERANCE) -> None:
     low, high = np.asarray(env.cfg.safety.workspace_low), np.asarray(env.cfg.safety.workspace_high)
-    tool, q = env.tool_pos(), env.arm.q(env.data)
-    assert np.all(np.isfinite(env.data.qpos)), f"{where}: non-finite qpos {env.data.qpos}"
+    tool, q = env.arm.tool_pos(), env.arm.kin.q(env.arm.data)
+    assert np.all(np.isfinite(env.arm.data.qpos)), f"{where}: non-finite qpos {env.arm.data.qpos}"
     out = np.maximum(low - tool, 0.0) + np.maximum(tool - high, 0.0)
     assert out.max() <= box_tolerance, f"{where}: tool {tool} is {out.max() * 1e3:.1f} mm outside the box"
-    assert np.all(q >= env.arm.q_low) and np.all(q <= env.arm.q_high), (
-        f"{where}: joints {q} outside [{env.arm.q_low}, {env.arm.q_high}]")
+    assert np.all(q >= env.arm.kin.q_low) and np.all(q <= env.arm.kin.q_high), (
+        f"{where}: joints {q} outside [{env.arm.kin.q_low}, {env.arm.kin.q_high}]")
 
 
-def run(env: PandaEnv, seed: int, actions) -> None:
+def run(env: RobotEnv, seed: int, actions) -> None:
     env.reset(seed=seed)  # the reset may leave the tool a few mm above the box; the first step pulls it in
     for k, action in enumerate(actions):
         env.step(np.asarray(action, dtype=np.float32))
@@ -133,13 +134,13 @@ def test_former_violations_stay_safe(env, first, second, steps):
 
 # -- bad actions -----------------------------------------------------------------------------------
 
-def snapshot(env: PandaEnv) -> dict:
-    d = env.data
+def snapshot(env: RobotEnv) -> dict:
+    d = env.arm.data
     return {"qpos": d.qpos.copy(), "qvel": d.qvel.copy(), "ctrl": d.ctrl.copy(), "mocap": d.mocap_pos.copy(),
-            "applied": d.qfrc_applied.copy(), "time": d.time, "steps": env._steps}
+            "applied": d.qfrc_applied.copy(), "time": d.time, "steps": env.elapsed_steps}
 
 
-def assert_unchanged(env: PandaEnv, before: dict) -> None:
+def assert_unchanged(env: RobotEnv, before: dict) -> None:
     after = snapshot(env)
     for key, value in before.items():
         np.testing.assert_array_equal(after[key], value, err_msg=f"{key} changed by a rejected action")
@@ -158,8 +159,8 @@ def test_non_finite_action_is_rejected_and_nothing_applied(env, index, bad, rest
         env.step(action)
     assert_unchanged(env, before)
     env.step(np.array(rest, dtype=np.float32))  # the env still steps
-    assert env._steps == before["steps"] + 1
-    assert np.all(np.isfinite(env.data.qpos))
+    assert env.elapsed_steps == before["steps"] + 1
+    assert np.all(np.isfinite(env.arm.data.qpos))
 
 
 def escaped(shape: tuple) -> str:
@@ -176,7 +177,7 @@ def test_wrongly_shaped_action_is_rejected_and_nothing_applied(env, action):
         env.step(action)
     assert_unchanged(env, before)
     env.step(np.zeros(4))
-    assert env._steps == 1
+    assert env.elapsed_steps == 1
 
 
 def test_non_numeric_action_is_rejected(env):

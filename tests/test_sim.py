@@ -68,8 +68,8 @@ def test_pick_cube_spec_matches_serl(pick):
 def test_pick_cube_dense_and_sparse_reward(pick):
     env = pick.unwrapped
     pick.reset(seed=0)
-    reward, success = env.task.score(env)
-    cube, tool = env.task.cube_pos(env), env.tool_pos()
+    reward, success = env.task.score(env.arm)
+    cube, tool = env.task.cube_pos(env.arm), env.arm.tool_pos()
     expected = 0.3 * np.exp(-20 * np.linalg.norm(cube - tool)) + 0.7 * np.clip((cube[2] - 0.02) / 0.2, 0, 1)
     assert reward == pytest.approx(expected, rel=1e-6) and not success
     sparse = rsim.make("robolearn/PandaPickCube-v0", reward_type="sparse")
@@ -88,13 +88,13 @@ def test_episode_truncates_at_100_steps(pick):
 
 def test_reset_is_deterministic_under_seed(pick):
     a, _ = pick.reset(seed=11)
-    qa = pick.unwrapped.data.qpos.copy()
+    qa = pick.unwrapped.arm.data.qpos.copy()
     b, _ = pick.reset(seed=11)
     c, _ = pick.reset(seed=12)
     np.testing.assert_array_equal(a["state"], b["state"])
     assert not np.allclose(a["state"], c["state"])
     pick.reset(seed=11)
-    np.testing.assert_array_equal(qa, pick.unwrapped.data.qpos)
+    np.testing.assert_array_equal(qa, pick.unwrapped.arm.data.qpos)
 
 
 def test_reset_starts_inside_the_workspace_box(pick):
@@ -102,7 +102,7 @@ def test_reset_starts_inside_the_workspace_box(pick):
     low, high = np.asarray(env.cfg.safety.workspace_low), np.asarray(env.cfg.safety.workspace_high)
     for seed in range(100):
         pick.reset(seed=seed)
-        tool = env.tool_pos()
+        tool = env.arm.tool_pos()
         assert np.all(tool >= low) and np.all(tool <= high), (seed, tool)
 
 
@@ -139,12 +139,12 @@ def test_unknown_env_id_lists_valid_ids():
                                            (np.array(["a", "b", "c", "d"]), ["numeric", "<U1"])])
 def test_bad_actions_are_rejected_with_a_clear_error(pick, action, words):
     pick.reset(seed=0)
-    before = pick.unwrapped.data.qpos.copy()
+    before = pick.unwrapped.arm.data.qpos.copy()
     with pytest.raises(ValueError) as err:
         pick.unwrapped.step(action)
     msg = str(err.value)
     assert "robolearn/PandaPickCube-v0" in msg and all(w in msg for w in words), msg
-    np.testing.assert_array_equal(before, pick.unwrapped.data.qpos)  # nothing was applied
+    np.testing.assert_array_equal(before, pick.unwrapped.arm.data.qpos)  # nothing was applied
 
 
 def test_unknown_option_is_named():

@@ -1,4 +1,8 @@
-"""What a Panda task provides to PandaEnv: scene objects, object reset, state and score."""
+"""What a Panda task provides: scene objects, object reset, state and score (robolearn.robot.Task).
+
+Tasks see the simulator through the MuJoCo arm backend (`robolearn.sim.mujoco_arm.MujocoArm`:
+`model`, `data`, `kin`, `tool_pos()` ...); experts get the robot env for its `elapsed_steps`.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +17,14 @@ class Task:
     def build(self, spec) -> None:
         """Add the task's bodies and sites to the arena spec."""
 
-    def reset(self, env, rng: np.random.Generator) -> dict | None:
+    def reset(self, arm, rng: np.random.Generator) -> dict | None:
         """Place objects (and targets) for a new episode."""
 
-    def object_state(self, env) -> np.ndarray:
+    def object_state(self, arm) -> np.ndarray:
         """Privileged object state appended to the state observation (state-only variants)."""
         return np.zeros(0)
 
-    def score(self, env) -> tuple[float, bool]:
+    def score(self, arm) -> tuple[float, bool]:
         """Dense reward and success flag for the current state."""
         raise NotImplementedError
 
@@ -31,4 +35,4 @@ class Task:
 
 def move_action(env, goal: np.ndarray, gain: float = 1.0) -> np.ndarray:
     """Normalized (dx, dy, dz) that moves the tool toward `goal` (proportional, clipped)."""
-    return np.clip(gain * (goal - env.tool_pos()) / env.cfg.action_scale, -1.0, 1.0)
+    return np.clip(gain * (goal - env.arm.tool_pos()) / env.cfg.action_scale, -1.0, 1.0)

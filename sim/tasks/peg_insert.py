@@ -14,7 +14,7 @@ import mujoco
 import numpy as np
 
 from robolearn.controllers.impedance import ImpedanceConfig
-from robolearn.controllers.kinematics import orientation_error
+from robolearn.controllers.rotations import orientation_error
 from robolearn.controllers.safety import SafetyConfig
 from robolearn.sim.panda_env import TOOL_DOWN, PandaEnvConfig
 from robolearn.sim.tasks.base import Task, move_action
@@ -103,37 +103,37 @@ class PegInsert(Task):
         block.add_site(name="hole_top", pos=[0, 0, c.hole_top_z], size=[0.003], group=4)
 
     # -- episode ------------------------------------------------------------------------------
-    def reset(self, env, rng):
-        c, m, d = self.cfg, env.model, env.data
+    def reset(self, arm, rng):
+        c, m, d = self.cfg, arm.model, arm.data
         hole_xy = rng.uniform(c.hole_low, c.hole_high)
         offset = rng.uniform(-c.start_xy_offset, c.start_xy_offset, 2)
         height = rng.uniform(*c.start_height)
         m.body_pos[m.body("hole").id, :2] = hole_xy
         tcp = np.array([*(hole_xy + offset), c.hole_top_z + height + c.peg_length - PEG_TOP_ABOVE_TCP])
-        solve_tool_pose(env, tcp, TOOL_DOWN)
-        env.set_tool_target(tcp)
+        solve_tool_pose(arm, tcp, TOOL_DOWN)
+        arm.set_tool_target(tcp, TOOL_DOWN)
         # Fingers already at the peg's width, closed command: the pads squeeze it from the first step.
-        d.qpos[env._finger_adr] = c.peg_half_width
-        d.ctrl[env._gripper] = 0.0
+        d.qpos[arm.finger_adr] = c.peg_half_width
+        d.ctrl[arm.gripper_actuator] = 0.0
         adr = m.jnt_qposadr[m.joint("peg").id]
         d.qpos[adr:adr + 3] = tcp + [0, 0, PEG_TOP_ABOVE_TCP - c.peg_length / 2]
         d.qpos[adr + 3:adr + 7] = [1.0, 0.0, 0.0, 0.0]
         return {"hole_xy": hole_xy.tolist(), "peg_start": tcp.tolist()}
 
     # -- state and score -------------------------------------------------------------------------
-    def peg_bottom(self, env) -> np.ndarray:
-        return env.data.site("peg_bottom").xpos.copy()
+    def peg_bottom(self, arm) -> np.ndarray:
+        return arm.data.site("peg_bottom").xpos.copy()
 
-    def hole_top(self, env) -> np.ndarray:
-        return env.data.site("hole_top").xpos.copy()
+    def hole_top(self, arm) -> np.ndarray:
+        return arm.data.site("hole_top").xpos.copy()
 
-    def object_state(self, env) -> np.ndarray:
+    def object_state(self, arm) -> np.ndarray:
         """Peg bottom-face centre (3) and hole top-face centre (3), world frame."""
-        return np.concatenate([self.peg_bottom(env), self.hole_top(env)])
+        return np.concatenate([self.peg_bottom(arm), self.hole_top(arm)])
 
-    def score(self, env):
+    def score(self, arm):
         c = self.cfg
-        peg, hole = self.peg_bottom(env), self.hole_top(env)
+        peg, hole = self.peg_bottom(arm), self.hole_top(arm)
         xy, height = float(np.linalg.norm(peg[:2] - hole[:2])), float(peg[2] - hole[2])
         inside = bool(np.all(np.abs(peg[:2] - hole[:2]) < c.hole_half_width))
         depth = -height if inside else 0.0
@@ -160,9 +160,9 @@ class PegInsertExpert:
 
     def __call__(self, obs) -> np.ndarray:
         env, task = self.env, self.task
-        if env._steps == 0:
+        if env.elapsed_steps == 0:
             self.phase = "align"
-        peg, hole = task.peg_bottom(env), task.hole_top(env)
+        peg, hole = task.peg_bottom(env.arm), task.hole_top(env.arm)
         xy_err = float(np.linalg.norm((peg - hole)[:2]))
         if self.phase == "insert" and xy_err > task.cfg.clearance and peg[2] > hole[2] - 0.002:
             self.phase = "align"  # on the rim, not in the hole: back off and realign
@@ -173,12 +173,12 @@ class PegInsertExpert:
         if self.phase == "insert":
             goal = np.array([hole[0], hole[1], max(peg[2] - self.insert_step, hole[2] - task.cfg.hole_depth)])
         # Move the tool so that the peg's bottom lands on the goal.
-        return move_action(env, env.tool_pos() + goal - peg).astype(np.float32)
+        return move_action(env, env.arm.tool_pos() + goal - peg).astype(np.float32)
 
 
-def solve_tool_pose(env, pos: np.ndarray, quat: np.ndarray, iters: int = 200, tol: float = 1e-6) -> None:
+def solve_tool_pose(scene, pos: np.ndarray, quat: np.ndarray, iters: int = 200, tol: float = 1e-6) -> None:
     """Set the arm's joints so the tool site is at pos/quat (damped least squares from the current q)."""
-    m, d, arm = env.model, env.data, env.arm
+    m, d, arm = scene.model, scene.data, scene.kin
     err = np.empty(6)
     for _ in range(iters):
         mujoco.mj_kinematics(m, d)

@@ -53,20 +53,20 @@ class PickCube(Task):
         from robolearn.sim.panda_env import PandaEnvConfig
         return PandaEnvConfig(impedance=ImpedanceConfig(max_translation_error=0.025))
 
-    def reset(self, env, rng):
+    def reset(self, arm, rng):
         xy = rng.uniform(self.cfg.region_low, self.cfg.region_high)
-        adr = env.model.jnt_qposadr[env.model.joint("cube").id]
-        env.data.qpos[adr:adr + 7] = [*xy, self.cfg.cube_half_size, 1.0, 0.0, 0.0, 0.0]
+        adr = arm.model.jnt_qposadr[arm.model.joint("cube").id]
+        arm.data.qpos[adr:adr + 7] = [*xy, self.cfg.cube_half_size, 1.0, 0.0, 0.0, 0.0]
         return {"cube_init": xy.tolist()}
 
-    def cube_pos(self, env) -> np.ndarray:
-        return env.data.body("cube").xpos.copy()
+    def cube_pos(self, arm) -> np.ndarray:
+        return arm.data.body("cube").xpos.copy()
 
-    def object_state(self, env) -> np.ndarray:
-        return self.cube_pos(env)
+    def object_state(self, arm) -> np.ndarray:
+        return self.cube_pos(arm)
 
-    def score(self, env):
-        cube, tool = self.cube_pos(env), env.tool_pos()
+    def score(self, arm):
+        cube, tool = self.cube_pos(arm), arm.tool_pos()
         lift = cube[2] - self.cfg.cube_half_size
         reward = 0.3 * np.exp(-20.0 * np.linalg.norm(cube - tool)) + 0.7 * np.clip(lift / self.cfg.full_reward_lift, 0, 1)
         return float(reward), bool(lift >= self.cfg.success_lift)
@@ -84,10 +84,10 @@ class PickCubeExpert:
 
     def __call__(self, obs) -> np.ndarray:
         from robolearn.sim.tasks.base import move_action
-        env, cube = self.env, self.task.cube_pos(self.env)
-        if env._steps == 0:
+        env, cube = self.env, self.task.cube_pos(self.env.arm)
+        if env.elapsed_steps == 0:
             self.phase, self.closed_for = "approach", 0
-        tool, grip = env.tool_pos(), -1.0
+        tool, grip = env.arm.tool_pos(), -1.0
         if self.phase == "approach":
             goal = cube + [0, 0, 0.08]
             if np.linalg.norm((tool - goal)[:2]) < 0.01 and abs(tool[2] - goal[2]) < 0.02:

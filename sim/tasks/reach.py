@@ -26,23 +26,23 @@ class Reach(Task):
         body.add_geom(name="reach_target", type=mujoco.mjtGeom.mjGEOM_SPHERE, size=[self.cfg.tolerance],
                       rgba=[0.1, 0.8, 0.1, 0.6], contype=0, conaffinity=0)
 
-    def _mocap(self, env) -> int:
-        return int(env.model.body("reach_target").mocapid[0])
+    def _mocap(self, arm) -> int:
+        return int(arm.model.body("reach_target").mocapid[0])
 
-    def reset(self, env, rng):
+    def reset(self, arm, rng):
         target = rng.uniform(self.cfg.target_low, self.cfg.target_high)
-        env.data.mocap_pos[self._mocap(env)] = target
+        arm.data.mocap_pos[self._mocap(arm)] = target
         return {"target": target.tolist()}
 
-    def target(self, env) -> np.ndarray:
-        return env.data.mocap_pos[self._mocap(env)].copy()
+    def target(self, arm) -> np.ndarray:
+        return arm.data.mocap_pos[self._mocap(arm)].copy()
 
-    def object_state(self, env) -> np.ndarray:
-        return self.target(env)
+    def object_state(self, arm) -> np.ndarray:
+        return self.target(arm)
 
-    def score(self, env):
-        dist = float(np.linalg.norm(env.tool_pos() - self.target(env)))
+    def score(self, arm):
+        dist = float(np.linalg.norm(arm.tool_pos() - self.target(arm)))
         return float(np.exp(-10.0 * dist)), dist <= self.cfg.tolerance
 
     def expert(self, env):
-        return lambda obs: move_action(env, self.target(env)).astype(np.float32)
+        return lambda obs: move_action(env, self.target(env.arm)).astype(np.float32)

@@ -1,0 +1,104 @@
+"""Conventions every robolearn node shares: topic names, QoS, and message <-> array conversions.
+
+Topic names are relative, so a launch file's namespace applies to all of them. They follow the
+drivers the nodes stand in for (ros2_control, franka_ros2); ../../docs/ros.md lists them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from builtin_interfaces.msg import Time
+from geometry_msgs.msg import PoseStamped, TwistStamped
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
+                       qos_profile_sensor_data)
+from sensor_msgs.msg import JointState
+
+# Defaults of the topic parameters (each node exposes them as ROS parameters).
+JOINT_STATES = "joint_states"  # sensor_msgs/JointState, reliable (joint_state_broadcaster)
+TOOL_POSE = "current_pose"  # geometry_msgs/PoseStamped, best effort (franka_robot_state_broadcaster)
+TOOL_TWIST = "current_twist"  # geometry_msgs/TwistStamped, best effort
+EQUILIBRIUM_POSE = "cartesian_impedance_controller/equilibrium_pose"  # PoseStamped (franka_ros2, SERL)
+FORWARD_COMMANDS = "forward_position_controller/commands"  # std_msgs/Float64MultiArray
+JOINT_TRAJECTORY = "joint_trajectory_controller/joint_trajectory"  # trajectory_msgs/JointTrajectory
+GRIPPER_COMMANDS = "gripper_controller/commands"  # Float64MultiArray: [finger opening, m]
+RESET_SERVICE = "reset"  # std_srvs/Trigger
+REWARD, SUCCESS, OBJECT_STATE = "task/reward", "task/success", "task/object_state"  # Float64, Bool, Float64MultiArray
+ESTOP = "estop"  # std_msgs/Bool; True latches the e-stop
+DIAGNOSTICS = "/diagnostics"  # diagnostic_msgs/DiagnosticArray
+
+SENSOR_QOS = qos_profile_sensor_data  # images, camera_info, tool pose/twist: best effort, keep last 5
+RELIABLE_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def to_time(seconds: float) -> Time:
+    sec = int(np.floor(seconds))
+    return Time(sec=sec, nanosec=int(round((seconds - sec) * 1e9)) % 1_000_000_000)
+
+
+def from_time(stamp: Time) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def joint_state_msg(names, position, velocity, stamp: float) -> JointState:
+    msg = JointState()
+    msg.header.stamp = to_time(stamp)
+    msg.name = list(names)
+    msg.position = [float(x) for x in position]
+    msg.velocity = [float(x) for x in velocity]
+    return msg
+
+
+def pose_msg(pos, quat, stamp: float, frame: str) -> PoseStamped:
+    """PoseStamped from a position and a (w, x, y, z) quaternion (ROS orders it x, y, z, w)."""
+    msg = PoseStamped()
+    msg.header.stamp, msg.header.frame_id = to_time(stamp), frame
+    p, o = msg.pose.position, msg.pose.orientation
+    p.x, p.y, p.z = (float(v) for v in pos)
+    o.w, o.x, o.y, o.z = (float(v) for v in quat)
+    return msg
+
+
+def pose_arrays(msg: PoseStamped) -> tuple[np.ndarray, np.ndarray]:
+    """(position, (w, x, y, z) quaternion) of a PoseStamped."""
+    p, o = msg.pose.position, msg.pose.orientation
+    return np.array([p.x, p.y, p.z]), np.array([o.w, o.x, o.y, o.z])
+
+
+def twist_msg(linear, angular, stamp: float, frame: str) -> TwistStamped:
+    msg = TwistStamped()
+    msg.header.stamp, msg.header.frame_id = to_time(stamp), frame
+    (l, a) = msg.twist.linear, msg.twist.angular
+    l.x, l.y, l.z = (float(v) for v in linear)
+    a.x, a.y, a.z = (float(v) for v in angular)
+    return msg
+
+
+def select_joints(msg: JointState, names, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and velocities of `names` from a JointState in any order; an unknown or missing name,
+    a length mismatch or a non-finite value raises ValueError naming the field."""
+    if len(msg.position) != len(msg.name) or (msg.velocity and len(msg.velocity) != len(msg.name)):
+        raise ValueError(f"{where}: JointState has {len(msg.name)} names but {len(msg.position)} positions "
+                         f"and {len(msg.velocity)} velocities")
+    index = {n: i for i, n in enumerate(msg.name)}
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise ValueError(f"{where}: JointState lacks joints {missing}; it has {list(msg.name)}")
+    idx = [index[n] for n in names]
+    pos = np.asarray(msg.position, dtype=float)[idx]
+    vel = np.asarray(msg.velocity, dtype=float)[idx] if msg.velocity else np.zeros(len(idx))
+    for field, arr in (("position", pos), ("velocity", vel)):
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{where}: JointState.{field} is not finite: {arr.tolist()}")
+    return pos, vel
+
+
+def isolated_env(base: dict | None = None) -> dict:
+    """A copy of the environment with DDS kept on loopback in a random domain (tests, benchmarks)."""
+    import os
+    import random
+    env = dict(os.environ if base is None else base)
+    env.update(ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_LOCALHOST_ONLY="1",
+               ROS_DOMAIN_ID=str(random.randint(20, 200)))
+    return env
