@@ -223,6 +223,21 @@ def cmd_demos_import(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    from robolearn.launcher import launch
+
+    return launch([args.file, *args.arguments], print_only=args.print)
+
+
+def cmd_ament_install(args) -> int:
+    from robolearn.launch_xml import ament_install
+
+    written = ament_install(args.prefix)
+    print(f"registered robolearn in the ament index under {args.prefix} ({len(written)} files); "
+          f"add it to AMENT_PREFIX_PATH for `ros2 launch robolearn FILE` and `ros2 run robolearn NODE`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robolearn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -343,6 +358,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--env", help="env id the episodes belong to (default: the one the file names)")
     q.add_argument("--strict", action="store_true", help="an unreadable episode is an error (default: skipped)")
     q.set_defaults(func=cmd_demos_import)
+
+    p = sub.add_parser("launch", help="run a ROS 2 XML launch file without a ROS 2 install",
+                       description="Run a ROS 2 XML launch file as `ros2 launch` would (docs/launch.md): "
+                                   "FILE, or PKG and a FILE under its share/PKG; Ctrl-C stops every node.")
+    p.add_argument("file", metavar="FILE", help="launch file, or a package name followed by a file name")
+    p.add_argument("arguments", nargs="*", metavar="name:=value", help="launch arguments")
+    p.add_argument("--print", action="store_true", help="print each node's command line instead of running")
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("ament-install", help="register robolearn in a ROS 2 ament index",
+                       description="Write the ament index entry, package.xml, launch files and "
+                                   "lib/robolearn/<node> scripts under PREFIX (docs/launch.md).")
+    p.add_argument("prefix", metavar="PREFIX", help="install prefix, e.g. ~/robolearn_ws/install")
+    p.set_defaults(func=cmd_ament_install)
     return parser
 
 
