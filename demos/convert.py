@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from robolearn.demos.dataset import Dataset, DatasetError, DatasetWriter, compare_observation_specs, observation_spec
+from robolearn.demos.dataset import (Dataset, DatasetError, DatasetWriter, compare_observation_specs,
+                                     observation_spec, robot_shapes, stored_robot_state)
 
 # format name -> (module, what a path already holding that format contains)
 FORMATS = {
@@ -160,16 +161,21 @@ def check_against_env(meta: dict, env_id: str, where: str) -> None:
         env.close()
 
 
-def write_episode(writer: DatasetWriter, ep: Episode) -> Path:
-    """Append one episode (our in-memory layout) to a dataset through its writer."""
-    obs, T = ep["obs"], len(ep["action"])
+def write_episode(writer: DatasetWriter, ep: Episode, joint_names: list[str] | None = None) -> Path:
+    """Append one episode (our in-memory layout) to a dataset through its writer; `joint_names` name
+    the columns of its robot arrays, if it has any."""
+    obs, T, robot = ep["obs"], len(ep["action"]), ep.get("robot")
+
+    def robot_at(t: int):
+        return None if robot is None else stored_robot_state(robot, joint_names, t)
+
     attrs = {k: v for k, v in ep.get("attrs", {}).items() if k not in ("length", "success", "env_id")}
-    writer.begin_episode({k: v[0] for k, v in obs.items()}, **attrs)
+    writer.begin_episode({k: v[0] for k, v in obs.items()}, robot=robot_at(0), **attrs)
     try:
         for t in range(T):
             writer.add_step(ep["action"][t], {k: v[t + 1] for k, v in obs.items()}, float(ep["reward"][t]),
                             bool(ep["terminated"][t]), bool(ep["truncated"][t]), bool(ep["success"][t]),
-                            bool(ep["intervention"][t]), float(ep["timestamp"][t]))
+                            bool(ep["intervention"][t]), float(ep["timestamp"][t]), robot=robot_at(t + 1))
     except BaseException:
         writer.discard_episode()
         raise
@@ -219,8 +225,9 @@ def import_dataset(path: str | os.PathLike, fmt: str, out: str | os.PathLike, en
     try:
         with DatasetWriter(target, meta["env_id"], obs_space, act_space, fps=meta["fps"],
                            robot=meta.get("robot", "unknown"), cameras=meta.get("cameras")) as writer:
+            joint_names = meta.get("robot_state", {}).get("joint_names")
             for ep in guarded(episodes, strict, str(path)):
-                write_episode(writer, ep)
+                write_episode(writer, ep, joint_names)
                 n += 1
         if n == 0:
             raise DatasetError(f"{path}: no episode could be imported")
@@ -254,6 +261,15 @@ def check_episode(ep: Episode, meta: dict, where: str) -> Episode:
     for key in ("reward", "terminated", "truncated", "success", "intervention", "timestamp"):
         if len(ep[key]) != T:
             raise DatasetError(f"{where}: {key} has {len(ep[key])} entries, expected {T}")
+    if ep.get("robot") is not None:
+        shapes = robot_shapes(meta)
+        if shapes is None:
+            raise DatasetError(f"{where}: the episode has robot state but the meta names no robot_state joints")
+        for key, shape in shapes.items():
+            value = ep["robot"].get(key)
+            if value is None or value.shape != (T + 1, *shape):
+                raise DatasetError(f"{where}: robot {key!r} has shape {None if value is None else value.shape}, "
+                                   f"expected {(T + 1, *shape)}")
     return ep
 
 

@@ -4,6 +4,10 @@ Each episode is written into a hidden `.episode_NNNNNN.h5.partial` file and rena
 `episode_NNNNNN.h5` (after fsync) only when it ends, so a crash, even kill -9, loses at most the
 episode being recorded; readers never look at `.partial` files. The format is in docs/dataset.md.
 No pickle: HDF5 arrays and JSON only.
+
+Episodes of an env with an arm also hold the measured robot state (joint positions and velocities
+by joint name, tool pose, gripper, backend clock) in a `robot` group; envs without one (dm_control)
+have none, and neither have datasets written before it existed: the group is optional.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import re
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Mapping
 
 import h5py
@@ -25,6 +30,7 @@ META = "meta.json"
 STEP_KEYS = ("action", "reward", "terminated", "truncated", "success", "intervention", "timestamp")
 STEP_DTYPES = {"action": np.float32, "reward": np.float32, "terminated": np.bool_, "truncated": np.bool_,
                "success": np.bool_, "intervention": np.bool_, "timestamp": np.float64}
+ROBOT_KEYS = ("joint_position", "joint_velocity", "tool_pose", "gripper", "stamp")  # the `robot` group, float64
 _EPISODE_RE = re.compile(r"^episode_(\d{6,})\.h5$")
 _FLUSH_EVERY = 64  # steps buffered in memory between writes to the partial file
 
@@ -61,6 +67,28 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def episode_filename(index: int) -> str:
     return f"episode_{index:06d}.h5"
+
+
+def robot_state(env):
+    """The arm state (robolearn.robot.ArmState) the env's last observation was built from; None without an arm."""
+    state = getattr(getattr(env, "unwrapped", env), "state", None)
+    return state if hasattr(state, "joint_names") else None  # gymnasium's classic envs have array `state`s
+
+
+def robot_shapes(meta: Mapping) -> dict[str, tuple[int, ...]] | None:
+    """Per-step shape of each `robot/<key>` array, or None when the meta names no joints."""
+    if "robot_state" not in meta:
+        return None
+    n = len(meta["robot_state"]["joint_names"])
+    return {"joint_position": (n,), "joint_velocity": (n,), "tool_pose": (7,), "gripper": (), "stamp": ()}
+
+
+def stored_robot_state(robot: Mapping[str, np.ndarray], joint_names, t: int) -> SimpleNamespace:
+    """Row `t` of an episode's robot arrays as the ArmState-like object the writer takes (for copying)."""
+    pose = robot["tool_pose"][t]
+    return SimpleNamespace(joint_names=tuple(joint_names), position=robot["joint_position"][t],
+                           velocity=robot["joint_velocity"][t], tool_pos=pose[:3], tool_quat=pose[3:],
+                           gripper=robot["gripper"][t], stamp=robot["stamp"][t])
 
 
 # -- specs --------------------------------------------------------------------------------
@@ -152,11 +180,22 @@ class DatasetWriter:
     def recording(self) -> bool:
         return self._file is not None
 
-    def begin_episode(self, first_obs: Mapping[str, np.ndarray], **attrs) -> None:
-        """Start an episode at its first observation; extra JSON-able `attrs` are stored on the file."""
+    def begin_episode(self, first_obs: Mapping[str, np.ndarray], robot=None, **attrs) -> None:
+        """Start an episode at its first observation; extra JSON-able `attrs` are stored on the file.
+
+        `robot`: the arm state behind `first_obs` (any object with ArmState's attributes), or None for an
+        env without an arm; then every add_step of the episode takes one too, or none."""
         if self._file is not None:
             raise DatasetError(f"{self.path}: an episode is in progress; end_episode() or discard_episode() first")
         first = {k: [self._check_obs(first_obs, k)] for k in self.obs_spec}  # validate before any file exists
+        first_robot = None
+        if robot is not None:
+            meta = self.meta if "robot_state" in self.meta else \
+                {**self.meta, "robot_state": {"joint_names": [str(n) for n in robot.joint_names]}}
+            first_robot = {k: [v] for k, v in self._check_robot(robot, meta).items()}
+            if meta is not self.meta:  # the joint names are known at the first robot state: meta.json takes them
+                write_json_atomic(self.path / META, meta)
+                self.meta = meta
         self.index = self.next_index
         self._tmp = self.path / f".{episode_filename(self.index)}.partial"
         f = h5py.File(self._tmp, "w")
@@ -175,6 +214,10 @@ class DatasetWriter:
                 shape = tuple(self.act_spec["shape"]) if key == "action" else ()
                 f.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape), dtype=STEP_DTYPES[key],
                                  chunks=(256, *shape))
+            if first_robot is not None:
+                for key, shape in robot_shapes(self.meta).items():
+                    f.create_dataset(f"robot/{key}", shape=(0, *shape), maxshape=(None, *shape), dtype=np.float64,
+                                     chunks=(256, *shape))
             f.attrs["env_id"] = self.env_id
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["attrs"] = json.dumps(attrs)
@@ -186,6 +229,23 @@ class DatasetWriter:
         self._steps = 0
         self._pending_obs = first
         self._pending = {k: [] for k in STEP_KEYS}
+        self._pending_robot = first_robot
+
+    def _check_robot(self, robot, meta: Mapping | None = None) -> dict[str, np.ndarray]:
+        """One row of the robot group from an ArmState-like object, checked against the meta's joints."""
+        meta = meta or self.meta
+        names = meta["robot_state"]["joint_names"]
+        if [str(n) for n in robot.joint_names] != names:
+            raise DatasetError(f"{self.path}: field 'robot_state.joint_names' is {names} in meta.json but "
+                               f"{list(robot.joint_names)} in this robot state")
+        row = {"joint_position": robot.position, "joint_velocity": robot.velocity,
+               "tool_pose": np.concatenate([np.ravel(robot.tool_pos), np.ravel(robot.tool_quat)]),
+               "gripper": robot.gripper, "stamp": robot.stamp}
+        row = {k: np.array(v, dtype=np.float64) for k, v in row.items()}  # a copy: backends may reuse arrays
+        for key, shape in robot_shapes(meta).items():
+            if row[key].shape != shape:
+                raise DatasetError(f"{self.path}: robot/{key} has shape {row[key].shape}, the dataset expects {shape}")
+        return row
 
     def _check_obs(self, obs: Mapping[str, np.ndarray], key: str) -> np.ndarray:
         if key not in obs:
@@ -197,17 +257,23 @@ class DatasetWriter:
         return value.astype(spec["dtype"], copy=True)
 
     def add_step(self, action, obs: Mapping[str, np.ndarray], reward: float, terminated: bool, truncated: bool,
-                 success: bool, intervention: bool = False, timestamp: float | None = None) -> None:
-        """Record one step: the action taken and what followed it (obs is the observation after it)."""
+                 success: bool, intervention: bool = False, timestamp: float | None = None, robot=None) -> None:
+        """Record one step: the action taken and what followed it (obs, and `robot`, the state after it)."""
         if self._file is None:
             raise DatasetError(f"{self.path}: add_step() before begin_episode()")
         a = np.asarray(action, dtype=np.float32)
         if list(a.shape) != self.act_spec["shape"]:
             raise DatasetError(f"{self.path}: action has shape {a.shape}, the dataset expects "
                                f"{tuple(self.act_spec['shape'])}")
+        if (robot is None) != (self._pending_robot is None):
+            raise DatasetError(f"{self.path}: the episode began {'without' if robot is not None else 'with'} a "
+                               "robot state; give one to begin_episode and every add_step, or none")
         frames = {key: self._check_obs(obs, key) for key in self.obs_spec}  # all valid, or none recorded
+        row = {} if robot is None else self._check_robot(robot)
         for key, value in frames.items():
             self._pending_obs[key].append(value)
+        for key, value in row.items():
+            self._pending_robot[key].append(value)
         step = {"action": a, "reward": reward, "terminated": terminated, "truncated": truncated,
                 "success": success, "intervention": intervention,
                 "timestamp": self._steps / self.fps if timestamp is None else timestamp}
@@ -219,7 +285,8 @@ class DatasetWriter:
 
     def _flush(self) -> None:
         f = self._file
-        for group, pending in (("obs/", self._pending_obs), ("", self._pending)):
+        robot = self._pending_robot or {}
+        for group, pending in (("obs/", self._pending_obs), ("", self._pending), ("robot/", robot)):
             for key, values in pending.items():
                 if values:
                     ds = f[group + key]
@@ -335,6 +402,11 @@ class Dataset:
         return self.meta["action"]
 
     @property
+    def joint_names(self) -> list[str] | None:
+        """The arm's joint names (the robot group's column order), or None when no episode has one."""
+        return self.meta.get("robot_state", {}).get("joint_names")
+
+    @property
     def num_steps(self) -> int:
         return int(sum(self.lengths))
 
@@ -351,6 +423,15 @@ class Dataset:
                 for key in STEP_KEYS:
                     if f[key].shape[0] != length:
                         raise DatasetError(f"{file}: {key} has {f[key].shape[0]} entries, expected {length}")
+                if "robot" in f:
+                    shapes = robot_shapes(self.meta)
+                    if shapes is None:
+                        raise DatasetError(f"{file}: has a robot group but {META} names no robot_state joints")
+                    for key, shape in shapes.items():
+                        ds = f[f"robot/{key}"]
+                        if ds.shape != (length + 1, *shape):
+                            raise DatasetError(f"{file}: robot/{key} has shape {ds.shape}, expected "
+                                               f"{(length + 1, *shape)}")
             return length
         except DatasetError:
             raise
@@ -361,13 +442,16 @@ class Dataset:
         return len(self.paths)
 
     def episode(self, i: int) -> dict[str, Any]:
-        """{"obs": {key: (T+1, ...)}, "action": (T, A), "reward", "terminated", ... : (T,)}."""
+        """{"obs": {key: (T+1, ...)}, "action": (T, A), "reward", "terminated", ... : (T,)}, and
+        "robot": {field: (T+1, ...)} when the episode holds the robot state."""
         file = self.paths[i]
         try:
             with h5py.File(file, "r") as f:
                 ep: dict[str, Any] = {"obs": {k: f[f"obs/{k}"][()] for k in self.observation_spec}}
                 for key in STEP_KEYS:
                     ep[key] = f[key][()]
+                if "robot" in f:
+                    ep["robot"] = {k: f[f"robot/{k}"][()] for k in ROBOT_KEYS}
             return ep
         except Exception as err:
             raise DatasetError(f"{file}: corrupt episode data ({type(err).__name__}: {err})") from None
@@ -410,12 +494,13 @@ def write_expert_episodes(env, policy: Callable[[dict], np.ndarray], path: str |
     with writer:
         for ep in range(episodes):
             obs, _ = env.reset(seed=seed + ep)
-            writer.begin_episode(obs, seed=seed + ep)
+            writer.begin_episode(obs, robot=robot_state(env), seed=seed + ep)
             done = False
             while not done:
                 action = policy(obs)
                 obs, reward, terminated, truncated, info = env.step(action)
-                writer.add_step(action, obs, reward, terminated, truncated, bool(info.get("success", False)))
+                writer.add_step(action, obs, reward, terminated, truncated, bool(info.get("success", False)),
+                                robot=robot_state(env))
                 done = terminated or truncated
             written.append(writer.end_episode())
     return written

@@ -17,6 +17,7 @@ from typing import Callable, Sequence, TextIO
 
 import numpy as np
 
+from robolearn.demos.dataset import robot_state
 from robolearn.demos.teleop import DISCARD, FAILURE, QUIT, START_STOP, SUCCESS, TeleopDevice, TeleopInput
 
 
@@ -107,7 +108,7 @@ class Recorder:
         attrs = {"seed": seed, "device": self.device.name, "mode": self.mode}
         if self.policy_name:
             attrs["policy"] = self.policy_name
-        self.writer.begin_episode(self.obs, **attrs)
+        self.writer.begin_episode(self.obs, robot=robot_state(self.env), **attrs)
         self.recording, self.t, self.label, self.any_label = True, 0, False, False
         self.gripper = -1.0  # the env resets with the gripper open
         self._t0 = time.monotonic()
@@ -189,7 +190,7 @@ class Recorder:
         self._last_step_success = success
         ts = time.monotonic() - self._t0 if self.cfg.pace else None
         self.writer.add_step(action, obs, reward, terminated, truncated, success, intervention=intervening,
-                             timestamp=ts)
+                             timestamp=ts, robot=robot_state(self.env))
         self.obs = obs
         self.t += 1
         if terminated or truncated:

@@ -43,7 +43,7 @@ def summarize(path: str | os.PathLike, strict: bool = False) -> dict:
         "successes": int(successes), "success_rate": successes / len(episodes) if episodes else None,
         "intervention_steps": int(sum(e["interventions"] for e in episodes)),
         "episodes_with_interventions": sum(1 for e in episodes if e["interventions"]),
-        "observation": meta["observation"], "action": meta["action"],
+        "observation": meta["observation"], "action": meta["action"], "joint_names": ds.joint_names,
         "bytes": int(sum(e["bytes"] for e in episodes)),
         "per_episode": episodes,
     }
@@ -77,6 +77,8 @@ def format_summary(s: dict) -> str:
         lines.append(f"  {key:<{width}}  {tuple(spec['shape'])}  {spec['dtype']}")
     a = s["action"]
     lines.append(f"action:        {tuple(a['shape'])}  {a['dtype']}  low {a['low']}  high {a['high']}")
+    if s["joint_names"]:
+        lines.append(f"robot state:   joints {', '.join(s['joint_names'])}")
     lines.append("episodes:")
     lines.append(f"  {'index':>6}  {'steps':>5}  {'success':>7}  {'interv.':>7}  {'seed':>6}  {'size':>9}  file")
     for e in s["per_episode"]:

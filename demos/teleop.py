@@ -25,7 +25,7 @@ DEVICES: dict[str, str] = {
     "keyboard": "robolearn.demos.teleop_keyboard:KeyboardDevice",
     "gamepad": "robolearn.demos.teleop_gamepad:GamepadDevice",
     "spacemouse": "robolearn.demos.teleop_spacemouse:SpaceMouseDevice",
-    "ros": "robolearn.demos.teleop_ros:RosTopicDevice",
+    "ros": "robolearn.ros.teleop_device:RosTopicDevice",
     "scripted": "robolearn.demos.teleop_scripted:ScriptedDevice",
 }
 

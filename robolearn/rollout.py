@@ -7,6 +7,8 @@ from typing import Callable
 
 import numpy as np
 
+from robolearn.demos.dataset import robot_state
+
 
 @dataclass
 class RolloutResult:
@@ -47,7 +49,7 @@ def run_episodes(env, policy: Callable, episodes: int, seed: int = 0, video_epis
     for ep in range(episodes):
         obs, info = env.reset(seed=seed + ep)
         if recorder is not None:
-            recorder.begin_episode(obs, seed=seed + ep)
+            recorder.begin_episode(obs, robot=robot_state(env), seed=seed + ep)
         record = ep == video_episode
         if record:
             result.frames.append(env.render())
@@ -56,7 +58,8 @@ def run_episodes(env, policy: Callable, episodes: int, seed: int = 0, video_epis
             action = policy(obs)
             obs, reward, terminated, truncated, info = env.step(action)
             if recorder is not None:
-                recorder.add_step(action, obs, reward, terminated, truncated, bool(info.get("success", False)))
+                recorder.add_step(action, obs, reward, terminated, truncated, bool(info.get("success", False)),
+                                  robot=robot_state(env))
             total += reward
             steps += 1
             done = terminated or truncated

@@ -17,6 +17,7 @@ from robolearn.robot.interfaces import ArmState, ToolTarget
 from robolearn.sim.gl import check_headless_context
 
 ARM_JOINTS = tuple(f"joint{i}" for i in range(1, 8))
+JOINT_PREFIX = "panda_"  # ArmState names the joints as franka_description does: panda_joint1 ...
 FINGER_OPEN = 0.04
 
 
@@ -29,7 +30,7 @@ class MujocoArm:
         model.opt.timestep = physics_dt
         self.data = mujoco.MjData(model)
         self.kin = Arm(model, joints)
-        self.joint_names = tuple(joints)
+        self.joint_names = tuple(JOINT_PREFIX + j for j in joints)
         configure_native(model, impedance)
         harden_joint_limits(model, model.dof_jntid[self.kin.dof_adr], safety)
         self.n_substeps = max(1, round(1.0 / (control_hz * physics_dt)))

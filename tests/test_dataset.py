@@ -219,3 +219,119 @@ def test_kill_9_loses_only_the_episode_in_progress(tmp_path):
 def test_not_a_dataset(tmp_path):
     with pytest.raises(DatasetError, match="meta.json"):
         Dataset(tmp_path)
+
+
+# -- the robot state ------------------------------------------------------------------------
+
+PANDA_JOINTS = [f"panda_joint{i}" for i in range(1, 8)]
+
+
+def direct_rollout(env, seed: int) -> tuple[list, list]:
+    """The scripted expert's actions and the env's ArmState after reset and after every step."""
+    policy = env.unwrapped.task.expert(env.unwrapped)
+    obs, _ = env.reset(seed=seed)
+    states, actions, done = [env.unwrapped.state], [], False
+    while not done:
+        actions.append(policy(obs))
+        obs, _, term, trunc, _ = env.step(actions[-1])
+        states.append(env.unwrapped.state)
+        done = term or trunc
+    return actions, states
+
+
+def test_recorded_robot_state_equals_the_envs_state(tmp_path):
+    from robolearn.rollout import run_episodes, scripted_policy
+
+    env = sim.make("robolearn/PandaPickCube-v0")
+    write_expert_episodes(env, env.unwrapped.task.expert(env.unwrapped), tmp_path / "expert", episodes=1, seed=3)
+    with DatasetWriter(tmp_path / "rollout", env.spec.id, env.observation_space, env.action_space, fps=10) as w:
+        run_episodes(env, scripted_policy(env), 1, seed=3, recorder=w)
+    actions, states = direct_rollout(env, seed=3)
+    env.close()
+    assert len(states) > 10 and not np.allclose(states[0].position, states[-1].position)  # the arm moved
+    for name in ("expert", "rollout"):
+        ds = Dataset(tmp_path / name, strict=True)
+        assert ds.joint_names == PANDA_JOINTS
+        assert json.loads((tmp_path / name / "meta.json").read_text())["robot_state"] == {"joint_names": PANDA_JOINTS}
+        ep = ds.episode(0)
+        np.testing.assert_array_equal(ep["action"], np.array(actions, np.float32))
+        robot = ep["robot"]
+        assert {k: (v.shape, v.dtype) for k, v in robot.items()} == {
+            "joint_position": ((len(states), 7), np.float64), "joint_velocity": ((len(states), 7), np.float64),
+            "tool_pose": ((len(states), 7), np.float64), "gripper": ((len(states),), np.float64),
+            "stamp": ((len(states),), np.float64)}
+        np.testing.assert_array_equal(robot["joint_position"], [s.position for s in states])
+        np.testing.assert_array_equal(robot["joint_velocity"], [s.velocity for s in states])
+        np.testing.assert_array_equal(robot["tool_pose"], [s.tool_pose for s in states])
+        np.testing.assert_array_equal(robot["gripper"], [s.gripper for s in states])
+        np.testing.assert_array_equal(robot["stamp"], [s.stamp for s in states])
+
+
+def test_envs_without_an_arm_record_no_robot_state(tmp_path):
+    from robolearn.demos.dataset import robot_state
+
+    env = gym.make("CartPole-v1")  # its unwrapped `state` is a numpy array, not an arm state
+    env.reset(seed=0)
+    assert robot_state(env) is None and robot_state(object()) is None
+    env.close()
+    write_small(tmp_path / "ds")
+    assert "robot_state" not in json.loads((tmp_path / "ds" / "meta.json").read_text())
+    with h5py.File(tmp_path / "ds" / "episode_000000.h5") as f:
+        assert "robot" not in f
+
+
+def arm_state(n=7, names=None, **overrides):
+    from robolearn.robot.interfaces import ArmState
+
+    fields = dict(joint_names=tuple(names or PANDA_JOINTS[:n]), position=np.arange(n, dtype=float),
+                  velocity=np.ones(n), tool_pos=np.array([0.1, 0.2, 0.3]), tool_quat=np.array([0.0, 1.0, 0.0, 0.0]),
+                  tool_vel=np.zeros(3), gripper=0.04, stamp=1.5)
+    return ArmState(**{**fields, **overrides})
+
+
+def test_a_version_1_dataset_without_robot_state_reads_and_takes_robot_episodes(tmp_path):
+    write_small(tmp_path / "ds", episodes=1, length=4)  # what robolearn wrote before the robot group
+    old = Dataset(tmp_path / "ds", strict=True)
+    assert old.joint_names is None and "robot" not in old.episode(0)
+    obs_space, act_space = small_spaces()
+    with DatasetWriter(tmp_path / "ds", "test/Small-v0", obs_space, act_space, fps=20) as w:
+        w.begin_episode(obs_space.sample(), robot=arm_state())
+        for t in range(3):
+            w.add_step(act_space.sample(), obs_space.sample(), 0.0, False, t == 2, False,
+                       robot=arm_state(stamp=2.0 + t))
+        w.end_episode()
+    ds = Dataset(tmp_path / "ds", strict=True)
+    meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
+    assert meta["format_version"] == 1 and meta["robot_state"]["joint_names"] == PANDA_JOINTS
+    assert "robot" not in ds.episode(0)
+    robot = ds.episode(1)["robot"]
+    np.testing.assert_array_equal(robot["stamp"], [1.5, 2.0, 3.0, 4.0])
+    np.testing.assert_array_equal(robot["tool_pose"][0], [0.1, 0.2, 0.3, 0.0, 1.0, 0.0, 0.0])  # pos, (w, x, y, z)
+    np.testing.assert_array_equal(robot["joint_position"][-1], np.arange(7))
+
+
+def test_robot_state_mismatches_name_the_field(tmp_path):
+    obs_space, act_space = small_spaces()
+    w = DatasetWriter(tmp_path / "ds", "test/Small-v0", obs_space, act_space, fps=20)
+    w.begin_episode(obs_space.sample(), robot=arm_state())
+    with pytest.raises(DatasetError, match="robot/joint_position has shape \\(6,\\)"):
+        w.add_step(act_space.sample(), obs_space.sample(), 0.0, False, False, False,
+                   robot=arm_state(position=np.zeros(6)))
+    with pytest.raises(DatasetError, match="robot_state.joint_names"):
+        w.add_step(act_space.sample(), obs_space.sample(), 0.0, False, False, False,
+                   robot=arm_state(names=[f"j{i}" for i in range(7)]))
+    with pytest.raises(DatasetError, match="began with a robot state"):
+        w.add_step(act_space.sample(), obs_space.sample(), 0.0, False, False, False)
+    for t in range(2):
+        w.add_step(act_space.sample(), obs_space.sample(), 0.0, False, t == 1, False, robot=arm_state())
+    path = w.end_episode()
+    w.close()
+    # A robot array of the wrong width (a file edited by hand, or from another writer) is named.
+    with h5py.File(path, "a") as f:
+        del f["robot/joint_velocity"]
+        f["robot/joint_velocity"] = np.zeros((3, 6))
+    with pytest.raises(DatasetError, match="episode_000000.h5: robot/joint_velocity has shape \\(3, 6\\), "
+                                           "expected \\(3, 7\\)"):
+        Dataset(tmp_path / "ds", strict=True)
+    with pytest.warns(UserWarning, match="episode_000000.h5.*robot/joint_velocity"):
+        assert len(Dataset(tmp_path / "ds")) == 0

@@ -18,13 +18,14 @@ import pytest
 import robolearn.sim as rsim
 from robolearn.cli import main as cli_main
 from robolearn.demos.convert import export_dataset, import_dataset
-from robolearn.demos.dataset import Dataset, DatasetError, DatasetWriter, write_expert_episodes
+from robolearn.demos.dataset import Dataset, DatasetError, DatasetWriter, robot_state, write_expert_episodes
 from robolearn.demos.lerobot_format import VIDEO_MAE_BOUND
 
 ENV_ID = "robolearn/PandaPickCubePixels-v0"
 SIZE = 32
 STEP_KEYS = ("action", "reward", "terminated", "truncated", "success", "intervention", "timestamp")
 FORMATS = ("robomimic", "lerobot", "mcap")
+PANDA_JOINTS = [f"panda_joint{i}" for i in range(1, 8)]
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +39,16 @@ def src(tmp_path_factory) -> Dataset:
     rng = np.random.default_rng(0)
     with DatasetWriter(path, ENV_ID, env.observation_space, env.action_space, fps=10) as w:
         obs, _ = env.reset(seed=5)
-        w.begin_episode(obs, seed=5, operator="test")
+        w.begin_episode(obs, robot=robot_state(env), seed=5, operator="test")
         for t in range(7):
             obs, r, term, trunc, info = env.step(rng.uniform(-1, 1, 4).astype(np.float32))
             w.add_step(rng.uniform(-1, 1, 4), obs, r, term, trunc, info["success"], intervention=t % 3 == 1,
-                       timestamp=0.1 * t + rng.uniform(0, 0.01))
+                       timestamp=0.1 * t + rng.uniform(0, 0.01), robot=robot_state(env))
         w.end_episode()
     env.close()
     ds = Dataset(path)
     assert len(ds) == 3 and ds.episode(2)["truncated"][-1] and ds.episode(2)["intervention"].any()
+    assert ds.joint_names == PANDA_JOINTS and all("robot" in ep for ep in ds)
     return ds
 
 
@@ -64,10 +66,19 @@ def test_round_trip_preserves_every_array(src, tmp_path, fmt):
     assert n == 3 and out.exists()
     back, m = import_dataset(out, fmt, tmp_path / "back")
     assert m == 3 and len(back) == 3
-    strip = lambda meta: {k: v for k, v in meta.items() if k != "created"}
+    # Only MCAP carries the robot state (/joint_states, /tool_pose); robomimic and LeRobot drop it.
+    dropped = {"created"} if fmt == "mcap" else {"created", "robot_state"}
+    strip = lambda meta: {k: v for k, v in meta.items() if k not in dropped}
     assert strip(back.meta) == strip(src.meta)
     for i in range(3):
         a, b = src.episode(i), back.episode(i)
+        if fmt == "mcap":
+            assert set(b["robot"]) == set(a["robot"])
+            for key, value in a["robot"].items():
+                assert b["robot"][key].dtype == value.dtype, key
+                np.testing.assert_array_equal(b["robot"][key], value, err_msg=key)
+        else:
+            assert "robot" not in b
         assert back.episode_attrs(i) == src.episode_attrs(i)  # seed, operator, success, length
         for key, value in a["obs"].items():
             assert b["obs"][key].dtype == value.dtype and b["obs"][key].shape == value.shape, key
@@ -90,12 +101,16 @@ def test_mcap_read_by_independent_readers(src, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["bag.mcap", "metadata.yaml"]
     eps = [src.episode(i) for i in range(3)]
     T = [len(e["action"]) for e in eps]
-    expected_types = {"/joint_states": "sensor_msgs/msg/JointState", "/front/image_raw": "sensor_msgs/msg/Image",
-                      "/wrist/image_raw": "sensor_msgs/msg/Image",
+    expected_types = {"/robolearn/observation": "sensor_msgs/msg/JointState",
+                      "/joint_states": "sensor_msgs/msg/JointState", "/tool_pose": "geometry_msgs/msg/PoseStamped",
+                      "/robolearn/robot": "std_msgs/msg/Float64MultiArray",
+                      "/front/image_raw": "sensor_msgs/msg/Image", "/wrist/image_raw": "sensor_msgs/msg/Image",
                       "/robolearn/action": "std_msgs/msg/Float64MultiArray",
                       "/robolearn/step": "std_msgs/msg/Float64MultiArray",
                       "/robolearn/episode": "std_msgs/msg/String", "/robolearn/dataset": "std_msgs/msg/String"}
-    expected_counts = {"/joint_states": sum(T) + 3, "/front/image_raw": sum(T) + 3, "/wrist/image_raw": sum(T) + 3,
+    per_frame = ("/robolearn/observation", "/joint_states", "/tool_pose", "/robolearn/robot", "/front/image_raw",
+                 "/wrist/image_raw")
+    expected_counts = {**{t: sum(T) + 3 for t in per_frame},  # T+1 per episode
                        "/robolearn/action": sum(T), "/robolearn/step": sum(T), "/robolearn/episode": 3,
                        "/robolearn/dataset": 1}
 
@@ -113,11 +128,33 @@ def test_mcap_read_by_independent_readers(src, tmp_path):
             got[channel.topic].append((message.log_time, msg))
     assert {t: len(v) for t, v in got.items()} == expected_counts
     names = [f"state/{i}" for i in range(7)] + [f"tcp_pose/{i}" for i in range(7)]
-    first = got["/joint_states"][0][1]
+    first = got["/robolearn/observation"][0][1]
     assert list(first.name) == names and first.header.stamp.sec > 0
-    joints = np.array([m.position for _, m in got["/joint_states"]])
+    flat = np.array([m.position for _, m in got["/robolearn/observation"]])
     recorded = np.concatenate([np.concatenate([e["obs"]["state"], e["obs"]["tcp_pose"]], 1) for e in eps])
-    np.testing.assert_array_equal(joints, recorded.astype(np.float64))
+    np.testing.assert_array_equal(flat, recorded.astype(np.float64))
+
+    # The robot state, as robot_state_publisher and RViz take it.
+    robot = {k: np.concatenate([e["robot"][k] for e in eps]) for k in eps[0]["robot"]}
+    joint_states = [m for _, m in got["/joint_states"]]
+    assert all(list(m.name) == PANDA_JOINTS for m in joint_states)
+    np.testing.assert_array_equal([m.position for m in joint_states], robot["joint_position"])
+    np.testing.assert_array_equal([m.velocity for m in joint_states], robot["joint_velocity"])
+    stamp_ns = lambda m: m.header.stamp.sec * 1_000_000_000 + m.header.stamp.nanosec
+    assert [stamp_ns(m) for _, m in got["/joint_states"]] == [t for t, _ in got["/joint_states"]] \
+        == [t for t, _ in got["/front/image_raw"]]  # header stamp = log time = the observation's time
+    poses = [m for _, m in got["/tool_pose"]]
+    assert {m.header.frame_id for m in poses} == {"base"}
+    np.testing.assert_array_equal([[m.pose.position.x, m.pose.position.y, m.pose.position.z] for m in poses],
+                                  robot["tool_pose"][:, :3])
+    quat = np.array([[m.pose.orientation.x, m.pose.orientation.y, m.pose.orientation.z, m.pose.orientation.w]
+                     for m in poses])
+    np.testing.assert_array_equal(quat, robot["tool_pose"][:, [4, 5, 6, 3]])  # ours (w, x, y, z) -> ROS (x, y, z, w)
+    # the known value: the Panda tasks hold the tool pointing down, (w, x, y, z) = (0, 1, 0, 0), i.e. ROS x = 1
+    assert np.abs(quat[0] - [1.0, 0.0, 0.0, 0.0]).max() < 0.05
+    extra = got["/robolearn/robot"]
+    assert extra[0][1].layout.dim[0].label == "gripper,stamp"
+    np.testing.assert_array_equal([m.data for _, m in extra], np.stack([robot["gripper"], robot["stamp"]], 1))
     for cam in ("front", "wrist"):
         imgs = got[f"/{cam}/image_raw"]
         assert {(m.encoding, m.height, m.width, m.step) for _, m in imgs} == {("rgb8", SIZE, SIZE, 3 * SIZE)}
@@ -144,13 +181,14 @@ def test_mcap_read_by_independent_readers(src, tmp_path):
 
     # 3. ROS 2's own C type support (rclpy), when the `ros` extra is installed.
     try:
+        from geometry_msgs.msg import PoseStamped
         from rclpy.serialization import deserialize_message
         from sensor_msgs.msg import Image, JointState
         from std_msgs.msg import Float64MultiArray
     except ImportError:
         return
     types = {"sensor_msgs/msg/Image": Image, "sensor_msgs/msg/JointState": JointState,
-             "std_msgs/msg/Float64MultiArray": Float64MultiArray}
+             "std_msgs/msg/Float64MultiArray": Float64MultiArray, "geometry_msgs/msg/PoseStamped": PoseStamped}
     with Reader(out) as bag:
         seen = {}
         for conn, _, raw in bag.messages():
@@ -158,7 +196,11 @@ def test_mcap_read_by_independent_readers(src, tmp_path):
                 seen[conn.topic] = deserialize_message(bytes(raw), types[conn.msgtype])
     np.testing.assert_array_equal(np.frombuffer(bytes(seen["/front/image_raw"].data), np.uint8),
                                   eps[0]["obs"]["images/front"][0].reshape(-1))
-    np.testing.assert_array_equal(seen["/joint_states"].position, recorded[0])
+    np.testing.assert_array_equal(seen["/robolearn/observation"].position, recorded[0])
+    assert list(seen["/joint_states"].name) == PANDA_JOINTS
+    np.testing.assert_array_equal(seen["/joint_states"].position, eps[0]["robot"]["joint_position"][0])
+    q = seen["/tool_pose"].pose.orientation
+    np.testing.assert_array_equal([q.x, q.y, q.z, q.w], eps[0]["robot"]["tool_pose"][0, [4, 5, 6, 3]])
     np.testing.assert_array_equal(np.array(seen["/robolearn/action"].data, np.float32), eps[0]["action"][0])
 
 
@@ -361,3 +403,44 @@ def test_demos_replay_reproduces_and_writes_mp4(src, tmp_path):
     assert frames.shape == (len(src.episode(0)["action"]) + 1, SIZE, 2 * SIZE, 3)  # cameras side by side
     proc = run_cli("demos", "replay", str(src.path), "--episode", "9")
     assert proc.returncode == 2 and "no episode 9" in proc.stderr
+
+
+def test_mcap_without_robot_state_and_bags_of_the_old_layout_import(tmp_path, monkeypatch):
+    import gymnasium as gym
+
+    import robolearn.demos.mcap_format as mcap_format
+
+    obs_space = gym.spaces.Dict({"images/front": gym.spaces.Box(0, 255, (8, 8, 3), np.uint8),
+                                 "state": gym.spaces.Box(-1, 1, (3,), np.float32)})
+    act_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+    with DatasetWriter(tmp_path / "ds", "test/Small-v0", obs_space, act_space, fps=20) as w:  # no arm
+        w.begin_episode(obs_space.sample())
+        for t in range(4):
+            w.add_step(act_space.sample(), obs_space.sample(), 1.0, False, t == 3, False)
+        w.end_episode()
+    src = Dataset(tmp_path / "ds")
+    out, _ = export_dataset(src.path, "mcap", tmp_path / "bag")
+    from rosbags.rosbag2 import Reader
+    with Reader(out) as bag:
+        assert not {"/joint_states", "/tool_pose", "/robolearn/robot"} & {c.topic for c in bag.connections}
+    # Bags exported before the robot state carried the observations on /joint_states.
+    monkeypatch.setattr(mcap_format, "OBS_TOPIC", "/joint_states")
+    old, _ = export_dataset(src.path, "mcap", tmp_path / "old_bag")
+    monkeypatch.undo()
+    with Reader(old) as bag:
+        assert "/robolearn/observation" not in {c.topic for c in bag.connections}
+    for bag in (out, old):
+        back, _ = import_dataset(bag, "mcap", tmp_path / f"back_{bag.name}")
+        assert back.joint_names is None and "robot" not in back.episode(0)
+        np.testing.assert_array_equal(back.episode(0)["obs"]["state"], src.episode(0)["obs"]["state"])
+
+
+def test_mcap_import_names_a_robot_array_of_the_wrong_width(src, tmp_path):
+    import robolearn.demos.mcap_format as mcap_format
+
+    out, _ = export_dataset(src.path, "mcap", tmp_path / "bag")
+    meta, loaders = mcap_format.read(out)
+    meta["robot_state"]["joint_names"] = PANDA_JOINTS[:6]  # as if the bag's meta named six joints
+    with pytest.raises(DatasetError, match="episode 0: robot 'joint_position' has shape \\(\\d+, 7\\), "
+                                           "expected \\(\\d+, 6\\)"):
+        next(loaders)()

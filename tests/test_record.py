@@ -189,6 +189,12 @@ def test_scripted_device_makes_20_pickcube_demos_for_the_serl_demo_buffer(tmp_pa
     assert [ds.episode_attrs(i)["seed"] for i in range(20)] == list(range(20))
     assert np.allclose(ds.episode(0)["timestamp"][:3], [0.0, 0.1, 0.2])  # unpaced: t / fps
     env = rsim.make("robolearn/PandaPickCube-v0")
+    # The recorder stores the arm's state with every observation: episode 0 starts where reset(seed=0) puts it.
+    assert ds.joint_names == [f"panda_joint{i}" for i in range(1, 8)]
+    env.reset(seed=0)
+    robot = ds.episode(0)["robot"]
+    assert robot["joint_position"].shape == (ds.lengths[0] + 1, 7)
+    np.testing.assert_array_equal(robot["joint_position"][0], env.unwrapped.state.position)
     demo = ReplayBuffer.from_dataset(ds, env.observation_space, env.action_space)
     assert len(demo) == ds.num_steps
     online = ReplayBuffer(1000, env.observation_space, env.action_space)
