@@ -102,3 +102,45 @@ def isolated_env(base: dict | None = None) -> dict:
     env.update(ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_LOCALHOST_ONLY="1",
                ROS_DOMAIN_ID=str(random.randint(20, 200)))
     return env
+
+
+# --- added for sim_robot_node: camera topics, the simulator's clock, image conversion -------------
+IMAGE_RAW = "{camera}/image_raw"  # sensor_msgs/Image, SENSOR_QOS
+CAMERA_INFO = "{camera}/camera_info"  # sensor_msgs/CameraInfo, SENSOR_QOS
+CLOCK = "/clock"  # rosgraph_msgs/Clock from the simulator when use_sim_time is true
+
+
+def image_msg(frame: np.ndarray, stamp: float, frame_id: str):
+    """sensor_msgs/Image (rgb8) from an H x W x 3 uint8 frame."""
+    from sensor_msgs.msg import Image
+    msg = Image()
+    msg.header.stamp, msg.header.frame_id = to_time(stamp), frame_id
+    msg.height, msg.width = int(frame.shape[0]), int(frame.shape[1])
+    msg.encoding, msg.is_bigendian, msg.step = "rgb8", 0, int(frame.shape[1]) * 3
+    msg.data = np.ascontiguousarray(frame, dtype=np.uint8).tobytes()
+    return msg
+
+
+# --- added for agent_node and the ROS backends (ros_backend.py) ---------------------------------
+PANDA_JOINTS = tuple(f"panda_joint{i}" for i in range(1, 8))  # franka_description names
+PANDA_FINGER_JOINTS = ("panda_finger_joint1", "panda_finger_joint2")  # gripper opening = their sum
+BASE_FRAME = "base"  # frame_id of current_pose and of the equilibrium pose commands
+GRIPPER_MAX_OPENING = 0.08  # m, both fingers together
+IMAGE_ENCODINGS = ("rgb8", "bgr8")  # what image_array decodes
+
+
+def gripper_opening(action: float, max_opening: float = GRIPPER_MAX_OPENING) -> float:
+    """Finger opening (m) for a gripper action in [-1 open, +1 closed], as the simulator maps it."""
+    return max_opening * (1.0 - float(np.clip(action, -1.0, 1.0))) / 2.0
+
+
+def image_array(msg) -> np.ndarray:
+    """H x W x 3 uint8 RGB frame of an rgb8/bgr8 sensor_msgs/Image (row padding dropped); ValueError naming the field."""
+    if msg.encoding not in IMAGE_ENCODINGS:
+        raise ValueError(f"Image.encoding {msg.encoding!r} is not one of {IMAGE_ENCODINGS}")
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    if step < 3 * w or len(msg.data) < step * h:
+        raise ValueError(f"Image.data has {len(msg.data)} bytes, too few for {h}x{w} rgb with step {step}")
+    rows = np.frombuffer(bytes(msg.data), dtype=np.uint8, count=step * h).reshape(h, step)
+    frame = rows[:, :3 * w].reshape(h, w, 3)
+    return np.ascontiguousarray(frame[..., ::-1] if msg.encoding == "bgr8" else frame)
