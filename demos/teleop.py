@@ -56,14 +56,21 @@ class TeleopConfig:
         if bad:
             raise ValueError(f"teleop lock: unknown axis {''.join(bad)!r}; use letters of 'xyzg' "
                              "(x, y, z motion; g gripper), e.g. lock=z for planar motion")
-        self.axis_scale = tuple(float(v) for v in self.axis_scale)
-        if len(self.axis_scale) != 3:
-            raise ValueError(f"teleop axis_scale needs 3 values (x, y, z), got {list(self.axis_scale)}")
-        if not 0.0 <= float(self.deadzone) < 1.0:
+        if not isinstance(self.axis_scale, (list, tuple)) or len(self.axis_scale) != 3:
+            raise ValueError(f"teleop axis_scale needs 3 values (x, y, z), got {self.axis_scale!r}")
+        self.axis_scale = tuple(_number("axis_scale", v) for v in self.axis_scale)
+        self.scale, self.deadzone, self.timeout_s = (_number(name, getattr(self, name))
+                                                     for name in ("scale", "deadzone", "timeout_s"))
+        if not 0.0 <= self.deadzone < 1.0:
             raise ValueError(f"teleop deadzone must be in [0, 1), got {self.deadzone}")
-        if float(self.timeout_s) <= 0:
+        if self.timeout_s <= 0:
             raise ValueError(f"teleop timeout_s must be positive, got {self.timeout_s}")
-        self.scale, self.deadzone, self.timeout_s = float(self.scale), float(self.deadzone), float(self.timeout_s)
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise ValueError(f"teleop {name} must be a number, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -202,8 +209,18 @@ def make_device(name: str, options: Mapping[str, Any] | None = None) -> TeleopDe
     cfg_fields = {f.name for f in fields(TeleopConfig)}
     cfg = replace(cls.default_config, **{k: v for k, v in options.items() if k in cfg_fields})
     own = {k: v for k, v in options.items() if k not in cfg_fields}
-    params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "config")]
+    try:
+        signature = inspect.signature(cls.__init__, eval_str=True)
+    except (NameError, TypeError):  # an annotation that does not evaluate here: names only
+        signature = inspect.signature(cls.__init__)
+    params = {k: p for k, p in signature.parameters.items() if k not in ("self", "config")}
     unknown = sorted(set(own) - set(params))
     if unknown:
         raise ValueError(f"teleop {name}: unknown option(s) {unknown}; valid: {sorted(cfg_fields | set(params))}")
+    from robolearn.config_check import check_value
+
+    for key, value in own.items():
+        hint = params[key].annotation
+        if hint is not inspect.Parameter.empty and not isinstance(hint, str):
+            check_value(value, hint, f"teleop {name}: {key}")
     return cls(cfg, **own)

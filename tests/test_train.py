@@ -99,3 +99,80 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
     _, weights, _, state = load_checkpoint(run)
     assert all(np.isfinite(w.float().numpy()).all() for w in weights.values())
     assert 900 <= state["step"] <= 1100  # the last checkpoint before the weights blew up
+
+
+# A training run in which removing the checkpoint latest.json points at is a SIGKILL: the state a
+# kill -9 at that moment would leave behind.
+GUARDED = r"""
+import json, os, shutil, signal, sys
+from pathlib import Path
+
+rmtree = shutil.rmtree
+
+def guarded(path, *args, **kwargs):
+    latest = Path(path).parent / "latest.json"
+    if latest.is_file() and json.loads(latest.read_text())["path"] == Path(path).name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rmtree(path, *args, **kwargs)
+
+shutil.rmtree = guarded
+from robolearn.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+# Episodes of exactly 100 steps, so checkpoints fall on steps 100, 200, ...
+EVEN = ["--agent", "serl", "--env", "robolearn/PandaReach-v0", "--env-set", "terminate_on_success=false",
+        "--checkpoint-every", "100", "--eval-every", "100000", "--threads", "1", "--no-video",
+        "--eval-episodes", "1", "--set", "hidden_dims=[32,32]", "--set", "num_critics=2"]
+
+
+def test_a_final_save_on_the_last_checkpointed_step_never_removes_latest(tmp_path):
+    run = tmp_path / "run"
+    # The last periodic save falls on the final step (200); the save after the loop must not
+    # remove that checkpoint while latest.json points at it.
+    proc = subprocess.run([sys.executable, "-c", GUARDED, "train", *EVEN, "--frames", "200", "--out", str(run)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, f"killed while removing latest's checkpoint ({proc.returncode}): {proc.stderr[-2000:]}"
+    from robolearn.checkpoint import load_checkpoint
+    ckpt, _, _, state = load_checkpoint(run)
+    assert state["step"] == 200 and ckpt.name == "step_000000000200"
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_says_so(tmp_path):
+    run = tmp_path / "run"
+    robolearn("train", *EVEN, "--frames", "200", "--out", str(run))
+    newest = run / "checkpoints" / "step_000000000200"
+    _flip_last_byte(newest / "weights.safetensors")
+    evaluated = robolearn("eval", "--checkpoint", str(run), "--episodes", "1", check=False)
+    assert evaluated.returncode == 2 and "checksum" in evaluated.stderr and "Traceback" not in evaluated.stderr
+    resumed = robolearn("train", *EVEN, "--frames", "300", "--out", str(run), "--resume")
+    assert "step_000000000200" in resumed.stderr and "checksum" in resumed.stderr
+    assert "resuming from" in resumed.stderr and "step_000000000100" in resumed.stderr
+    result = json.loads((run / "result.json").read_text())
+    assert result["env_steps"] == 300
+
+
+def test_set_on_resume_is_applied_where_safe_refused_otherwise_and_repairs_a_saved_option(tmp_path):
+    run = tmp_path / "run"
+    robolearn("train", *EVEN, "--frames", "100", "--out", str(run))
+    resume = ["train", *EVEN, "--frames", "200", "--out", str(run), "--resume"]
+    refused = robolearn(*resume, "--set", "hidden_dims=[64,64]", check=False)
+    assert refused.returncode == 2 and "hidden_dims" in refused.stderr and "--resume" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    # A run saved with an invalid option (as an older version allowed): named, with its repair.
+    config_path = run / "checkpoints" / "step_000000000100" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["agent_config"]["config"]["batch_size"] = 0
+    config_path.write_text(json.dumps(config))
+    broken = robolearn(*resume, check=False)
+    assert broken.returncode == 2 and "batch_size" in broken.stderr and "--set batch_size=" in broken.stderr
+    robolearn(*resume, "--set", "batch_size=8")
+    saved = json.loads((run / "checkpoints" / "step_000000000200" / "config.json").read_text())
+    assert saved["agent_config"]["config"]["batch_size"] == 8
+    assert saved["agent_config"]["config"]["hidden_dims"] == [32, 32]

@@ -15,6 +15,7 @@ import gymnasium as gym
 import numpy as np
 
 from robolearn.controllers.rotations import quat_mul, rotvec_to_quat
+from robolearn.config_check import check_fields
 from robolearn.controllers.safety import SafetyConfig, clamp_tool_rotation, clamp_tool_target, require_shape
 from robolearn.robot.interfaces import ArmBackend, ArmState, Camera, ResetHandler, Task, ToolTarget
 
@@ -37,12 +38,19 @@ class RobotEnvConfig:
 
 
 def check_config(cfg: RobotEnvConfig, where: str) -> None:
+    """Types of every field, then the robot-level ranges; ValueError names the field."""
+    check_fields(cfg, where)
     if cfg.reward_type not in ("dense", "sparse"):
         raise ValueError(f"{where}: reward_type must be 'dense' or 'sparse', got {cfg.reward_type!r}")
     if cfg.action_mode not in ACTION_MODES:
         raise ValueError(f"{where}: action_mode must be one of {ACTION_MODES}, got {cfg.action_mode!r}")
-    if not cfg.control_hz > 0:
-        raise ValueError(f"{where}: control_hz must be positive, got {cfg.control_hz!r}")
+    for name in ("control_hz", "action_scale", "rotation_scale"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{where}: {name} must be positive, got {getattr(cfg, name)!r}")
+    if cfg.max_episode_steps < 1:
+        raise ValueError(f"{where}: max_episode_steps must be at least 1, got {cfg.max_episode_steps!r}")
+    if abs(float(np.linalg.norm(cfg.tool_quat)) - 1.0) > 1e-3:
+        raise ValueError(f"{where}: tool_quat must be a unit quaternion (w, x, y, z), got {list(cfg.tool_quat)}")
 
 
 def action_dim(cfg: RobotEnvConfig, uses_gripper: bool) -> int:
