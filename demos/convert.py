@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from robolearn.demos.dataset import (Dataset, DatasetError, DatasetWriter, compare_observation_specs,
-                                     observation_spec, robot_shapes, stored_robot_state)
+from robolearn.demos.dataset import (Dataset, DatasetError, DatasetWriter, compare_observation_specs, episode_arrays,
+                                     observation_spec, stored_robot_state, validate_episode)
 
 # format name -> (module, what a path already holding that format contains)
 FORMATS = {
@@ -47,12 +47,7 @@ def iter_episodes(ds: Dataset, strict: bool = False) -> Iterator[tuple[int, Epis
     """(file index, episode with attrs) for each readable episode; a damaged one warns (or raises if strict)."""
     for i in range(len(ds)):
         try:
-            ep = ds.episode(i)
-            try:
-                attrs = ds.episode_attrs(i)
-            except Exception as err:  # h5py's own errors for a damaged attribute
-                raise DatasetError(f"{ds.paths[i]}: corrupt episode attributes ({type(err).__name__}: {err})") \
-                    from None
+            ep, attrs = ds.episode(i), ds.episode_attrs(i)
         except DatasetError as err:
             if strict:
                 raise
@@ -94,9 +89,7 @@ def export_dataset(src: str | os.PathLike, fmt: str, out: str | os.PathLike, ove
 
     Returns the path and the number of episodes written (damaged ones are skipped unless strict)."""
     module = _module(fmt)
-    ds = Dataset(src, strict=strict)
-    if len(ds) == 0:
-        raise DatasetError(f"{src}: no readable episodes to export")
+    ds = Dataset(src, strict=strict).require_episodes("to export")
     out = Path(out)
     _check_target(out, fmt, overwrite, ds.path)
     # Built under a hidden staging folder with its final name (a rosbag2 names its .mcap after its
@@ -247,29 +240,8 @@ def _registered(env_id: str) -> bool:
 # -- helpers the format modules share ----------------------------------------------------------
 
 def check_episode(ep: Episode, meta: dict, where: str) -> Episode:
-    """DatasetError unless every array has the length and per-step shape the meta promises."""
-    T = len(ep["action"])
-    if T < 1:
-        raise DatasetError(f"{where}: episode has no steps")
-    for key, spec in meta["observation"].items():
-        value = ep["obs"].get(key)
-        if value is None:
-            raise DatasetError(f"{where}: observation {key!r} is missing")
-        if value.shape != (T + 1, *spec["shape"]):
-            raise DatasetError(f"{where}: observation {key!r} has shape {value.shape}, expected "
-                               f"{(T + 1, *spec['shape'])}")
-    for key in ("reward", "terminated", "truncated", "success", "intervention", "timestamp"):
-        if len(ep[key]) != T:
-            raise DatasetError(f"{where}: {key} has {len(ep[key])} entries, expected {T}")
-    if ep.get("robot") is not None:
-        shapes = robot_shapes(meta)
-        if shapes is None:
-            raise DatasetError(f"{where}: the episode has robot state but the meta names no robot_state joints")
-        for key, shape in shapes.items():
-            value = ep["robot"].get(key)
-            if value is None or value.shape != (T + 1, *shape):
-                raise DatasetError(f"{where}: robot {key!r} has shape {None if value is None else value.shape}, "
-                                   f"expected {(T + 1, *shape)}")
+    """`ep`, after the dataset's own check (validate_episode): steps, shapes the meta promises, finite floats."""
+    validate_episode(episode_arrays(ep), meta, where)
     return ep
 
 

@@ -33,6 +33,7 @@ STEP_DTYPES = {"action": np.float32, "reward": np.float32, "terminated": np.bool
 ROBOT_KEYS = ("joint_position", "joint_velocity", "tool_pose", "gripper", "stamp")  # the `robot` group, float64
 _EPISODE_RE = re.compile(r"^episode_(\d{6,})\.h5$")
 _FLUSH_EVERY = 64  # steps buffered in memory between writes to the partial file
+CHECKSUMS = True  # HDF5's Fletcher32 filter on every array of a new episode file (docs/dataset.md, Versions)
 
 
 class DatasetError(Exception):
@@ -81,6 +82,69 @@ def robot_shapes(meta: Mapping) -> dict[str, tuple[int, ...]] | None:
         return None
     n = len(meta["robot_state"]["joint_names"])
     return {"joint_position": (n,), "joint_velocity": (n,), "tool_pose": (7,), "gripper": (), "stamp": ()}
+
+
+def episode_shapes(meta: Mapping, T: int, robot: bool) -> dict[str, tuple[int, ...]]:
+    """The shape of every array of a T-step episode, by its name in the episode file ("obs/state", "action",
+    "robot/stamp"); `robot`: with the robot group (the meta must name its joints)."""
+    shapes = {f"obs/{k}": (T + 1, *s["shape"]) for k, s in meta["observation"].items()}
+    shapes.update({k: (T, *meta["action"]["shape"]) if k == "action" else (T,) for k in STEP_KEYS})
+    if robot:
+        shapes.update({f"robot/{k}": (T + 1, *s) for k, s in robot_shapes(meta).items()})
+    return shapes
+
+
+def episode_arrays(ep: Mapping) -> dict[str, np.ndarray]:
+    """An episode in memory (Dataset.episode's layout) keyed by the names its arrays have in the file."""
+    arrays = {f"obs/{k}": v for k, v in ep["obs"].items()}
+    arrays.update({k: ep[k] for k in STEP_KEYS if k in ep})
+    arrays.update({f"robot/{k}": v for k, v in (ep.get("robot") or {}).items()})
+    return arrays
+
+
+def read_array(array, name: str, where: str | os.PathLike) -> np.ndarray:
+    """All of an h5py dataset (numpy arrays pass through); a bad checksum or chunk is a DatasetError naming it."""
+    try:
+        return array[()]
+    except Exception as err:  # h5py: OSError "filter returned failure during read"
+        raise DatasetError(f"{where}: {name} is corrupt ({type(err).__name__}: {err})") from None
+
+
+def validate_episode(arrays: Mapping, meta: Mapping, where: str | os.PathLike, length: int | None = None) -> int:
+    """The one check of an episode's arrays, returning its length T: at least one step, every array present
+    with the shape meta.json promises, and every float finite (read once, one vectorized isfinite per array;
+    uint8 images are not read). `arrays` maps file names ("obs/state", "robot/stamp") to numpy arrays or h5py
+    datasets: an open episode file, or episode_arrays(ep). DatasetError "<where>: <field> ..." otherwise."""
+    if length is None:
+        if "action" not in arrays:
+            raise DatasetError(f"{where}: action is missing")
+        length = len(arrays["action"])
+    if length < 1:
+        raise DatasetError(f"{where}: the episode has no steps (length {length})")
+    robot = any(str(name).split("/")[0] == "robot" for name in arrays)
+    if robot and robot_shapes(meta) is None:
+        raise DatasetError(f"{where}: the episode has a robot group but {META} names no robot_state joints")
+    for name, shape in episode_shapes(meta, length, robot).items():
+        if name not in arrays:
+            raise DatasetError(f"{where}: {name} is missing")
+        array = arrays[name]
+        if tuple(array.shape) != shape:
+            raise DatasetError(f"{where}: {name} has shape {tuple(array.shape)}, expected {shape}")
+        if array.dtype.kind == "f":
+            values = read_array(array, name, where)
+            finite = np.isfinite(values)
+            if not finite.all():
+                at = np.unravel_index(np.argmin(finite), finite.shape)
+                raise DatasetError(f"{where}: {name}[{at[0]}] is {values[at]} (not finite)")
+    return length
+
+
+def robot_row(robot) -> dict[str, np.ndarray]:
+    """One row of the robot group from an ArmState-like object (float64 copies: backends may reuse arrays)."""
+    row = {"joint_position": robot.position, "joint_velocity": robot.velocity,
+           "tool_pose": np.concatenate([np.ravel(robot.tool_pos), np.ravel(robot.tool_quat)]),
+           "gripper": robot.gripper, "stamp": robot.stamp}
+    return {k: np.array(v, dtype=np.float64) for k, v in row.items()}
 
 
 def stored_robot_state(robot: Mapping[str, np.ndarray], joint_names, t: int) -> SimpleNamespace:
@@ -209,15 +273,15 @@ class DatasetWriter:
                 row_bytes = max(1, dtype.itemsize * int(np.prod(shape)))
                 chunks = (1, *shape) if image else (max(1, min(256, 2**20 // row_bytes)), *shape)
                 f.create_dataset(f"obs/{key}", shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
-                                 chunks=chunks, **opts)
+                                 chunks=chunks, fletcher32=CHECKSUMS, **opts)
             for key in STEP_KEYS:
                 shape = tuple(self.act_spec["shape"]) if key == "action" else ()
                 f.create_dataset(key, shape=(0, *shape), maxshape=(None, *shape), dtype=STEP_DTYPES[key],
-                                 chunks=(256, *shape))
+                                 chunks=(256, *shape), fletcher32=CHECKSUMS)
             if first_robot is not None:
                 for key, shape in robot_shapes(self.meta).items():
                     f.create_dataset(f"robot/{key}", shape=(0, *shape), maxshape=(None, *shape), dtype=np.float64,
-                                     chunks=(256, *shape))
+                                     chunks=(256, *shape), fletcher32=CHECKSUMS)
             f.attrs["env_id"] = self.env_id
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["attrs"] = json.dumps(attrs)
@@ -238,10 +302,7 @@ class DatasetWriter:
         if [str(n) for n in robot.joint_names] != names:
             raise DatasetError(f"{self.path}: field 'robot_state.joint_names' is {names} in meta.json but "
                                f"{list(robot.joint_names)} in this robot state")
-        row = {"joint_position": robot.position, "joint_velocity": robot.velocity,
-               "tool_pose": np.concatenate([np.ravel(robot.tool_pos), np.ravel(robot.tool_quat)]),
-               "gripper": robot.gripper, "stamp": robot.stamp}
-        row = {k: np.array(v, dtype=np.float64) for k, v in row.items()}  # a copy: backends may reuse arrays
+        row = robot_row(robot)
         for key, shape in robot_shapes(meta).items():
             if row[key].shape != shape:
                 raise DatasetError(f"{self.path}: robot/{key} has shape {row[key].shape}, the dataset expects {shape}")
@@ -368,7 +429,7 @@ def _list_episodes(path: Path) -> list[tuple[int, Path]]:
 
 
 class Dataset:
-    """A read-only view of a dataset directory; episodes sorted by index, corrupt ones skipped."""
+    """A read-only view of a dataset directory; episodes sorted by index, damaged ones skipped (validate_episode)."""
 
     def __init__(self, path: str | os.PathLike, strict: bool = False):
         self.path = Path(path)
@@ -376,14 +437,27 @@ class Dataset:
         self.strict = strict
         self.paths: list[Path] = []
         self.lengths: list[int] = []
+        self.skipped: list[str] = []  # why each damaged episode was skipped
         for _, file in _list_episodes(self.path):
             try:
                 self.lengths.append(self._validate(file))
                 self.paths.append(file)
             except DatasetError as err:
-                if strict:
-                    raise
-                warnings.warn(f"skipping episode file: {err}", stacklevel=2)
+                self._skip(err)
+
+    def _skip(self, err: DatasetError) -> None:
+        """A damaged episode: raised when strict, else remembered and warned about."""
+        if self.strict:
+            raise err
+        self.skipped.append(str(err))
+        warnings.warn(f"skipping episode file: {err}", stacklevel=3)
+
+    def require_episodes(self, purpose: str) -> "Dataset":
+        """DatasetError naming the dataset (and its first damaged episode) when it has no usable episode."""
+        if not self.paths:
+            why = f"; {len(self.skipped)} damaged, skipped: {self.skipped[0]}" if self.skipped else ""
+            raise DatasetError(f"{self.path}: no usable episodes {purpose}{why}")
+        return self
 
     @property
     def env_id(self) -> str:
@@ -411,28 +485,11 @@ class Dataset:
         return int(sum(self.lengths))
 
     def _validate(self, file: Path) -> int:
-        """Open a file and check its structure (not every byte of data); returns its length."""
+        """Open an episode file and check it (validate_episode: shapes, and every float array read, finite and
+        checksummed; images are not read); returns its length."""
         try:
             with h5py.File(file, "r") as f:
-                length = int(f.attrs["length"])
-                for key, spec in self.observation_spec.items():
-                    ds = f[f"obs/{key}"]
-                    if ds.shape != (length + 1, *spec["shape"]):
-                        raise DatasetError(f"{file}: obs/{key} has shape {ds.shape}, expected "
-                                           f"{(length + 1, *spec['shape'])}")
-                for key in STEP_KEYS:
-                    if f[key].shape[0] != length:
-                        raise DatasetError(f"{file}: {key} has {f[key].shape[0]} entries, expected {length}")
-                if "robot" in f:
-                    shapes = robot_shapes(self.meta)
-                    if shapes is None:
-                        raise DatasetError(f"{file}: has a robot group but {META} names no robot_state joints")
-                    for key, shape in shapes.items():
-                        ds = f[f"robot/{key}"]
-                        if ds.shape != (length + 1, *shape):
-                            raise DatasetError(f"{file}: robot/{key} has shape {ds.shape}, expected "
-                                               f"{(length + 1, *shape)}")
-            return length
+                return validate_episode(f, self.meta, file, int(f.attrs["length"]))
         except DatasetError:
             raise
         except Exception as err:  # h5py raises OSError/KeyError/ValueError for damaged files
@@ -447,25 +504,47 @@ class Dataset:
         file = self.paths[i]
         try:
             with h5py.File(file, "r") as f:
-                ep: dict[str, Any] = {"obs": {k: f[f"obs/{k}"][()] for k in self.observation_spec}}
-                for key in STEP_KEYS:
-                    ep[key] = f[key][()]
-                if "robot" in f:
-                    ep["robot"] = {k: f[f"robot/{k}"][()] for k in ROBOT_KEYS}
+                ep: dict[str, Any] = {"obs": {}}
+                for name in episode_shapes(self.meta, 0, "robot" in f):  # "obs/images/front" -> obs, images/front
+                    group, _, key = name.partition("/")
+                    value = read_array(f[name], name, file)  # a bad checksum names the array
+                    if key:
+                        ep.setdefault(group, {})[key] = value
+                    else:
+                        ep[group] = value
             return ep
+        except DatasetError:
+            raise
         except Exception as err:
             raise DatasetError(f"{file}: corrupt episode data ({type(err).__name__}: {err})") from None
 
     def episode_attrs(self, i: int) -> dict[str, Any]:
         """length, success, env_id and any extra attributes given to begin_episode."""
-        with h5py.File(self.paths[i], "r") as f:
-            extra = json.loads(f.attrs.get("attrs", "{}"))
-            return {**extra, "length": int(f.attrs["length"]), "success": bool(f.attrs["success"]),
-                    "env_id": str(f.attrs["env_id"])}
+        file = self.paths[i]
+        try:
+            with h5py.File(file, "r") as f:
+                raw = f.attrs.get("attrs", "{}")
+                base = {"length": int(f.attrs["length"]), "success": bool(f.attrs["success"]),
+                        "env_id": str(f.attrs["env_id"])}
+        except Exception as err:  # h5py's own errors for a damaged attribute
+            raise DatasetError(f"{file}: corrupt episode attributes ({type(err).__name__}: {err})") from None
+        try:
+            extra = json.loads(raw)
+        except (TypeError, ValueError) as err:
+            raise DatasetError(f"{file}: attrs is not valid JSON ({err})") from None
+        if not isinstance(extra, dict):
+            raise DatasetError(f"{file}: attrs is a JSON {type(extra).__name__}, expected an object")
+        return {**extra, **base}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Every episode; one found damaged only now (an image chunk) is skipped, or raises when strict."""
         for i in range(len(self)):
-            yield self.episode(i)
+            try:
+                ep = self.episode(i)
+            except DatasetError as err:
+                self._skip(err)
+                continue
+            yield ep
 
     def check_compatible(self, env) -> None:
         """Raise DatasetError naming the observation key or action shape that differs from `env`'s."""

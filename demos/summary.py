@@ -8,18 +8,21 @@ import warnings
 import h5py
 import numpy as np
 
-from robolearn.demos.dataset import Dataset, DatasetError, _list_episodes
+from robolearn.demos.dataset import Dataset, DatasetError, _list_episodes, read_array
 
 
 def summarize(path: str | os.PathLike, strict: bool = False) -> dict:
     """A JSON-able summary; damaged episodes are skipped with a warning (DatasetError when strict)."""
-    ds = Dataset(path, strict=strict)
+    ds = Dataset(path, strict=strict)  # opening checks every episode but its images (validate_episode)
     episodes = []
     for i, file in enumerate(ds.paths):
         try:
             attrs = ds.episode_attrs(i)
-            with h5py.File(file, "r") as f:
-                interventions = int(np.count_nonzero(f["intervention"][()]))
+            if strict:  # --strict reads every array, images too, so damage anywhere is an error
+                interventions = int(np.count_nonzero(ds.episode(i)["intervention"]))
+            else:
+                with h5py.File(file, "r") as f:
+                    interventions = int(np.count_nonzero(read_array(f["intervention"], "intervention", file)))
         except Exception as err:
             err = err if isinstance(err, DatasetError) else DatasetError(
                 f"{file}: corrupt episode attributes ({type(err).__name__}: {err})")

@@ -37,6 +37,10 @@ def cmd_rollout(args) -> int:
 
     from robolearn.demos.dataset import DatasetWriter
 
+    if args.video:
+        _check_writable(args.video, "--video", "file")
+    if args.record:
+        _check_writable(args.record, "--record", "dir")
     env = make(args.env, render_mode="rgb_array" if args.video else None, **_parse_overrides(args.env_set))
     policy = rollout.POLICIES[args.policy](env)
     recorder = None
@@ -78,17 +82,42 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def _check_writable(path, option: str, kind: str | None = None) -> None:
+    """Refuse, naming the option, a path that cannot be written: a directory where a file is wanted
+    (kind "file") or the reverse (kind "dir"), a path under a file, or a folder we may not write to."""
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    if kind == "file" and target.is_dir():
+        raise ValueError(f"{option} {path} is a directory; give a file name")
+    if kind == "dir" and target.exists() and not target.is_dir():
+        raise ValueError(f"{option} {path} is a file; give a directory")
+    folder = target if kind == "dir" and target.is_dir() else target.parent  # where files get created
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path} lies under {folder}, which is a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: the folder {folder} is not writable")
+
+
 def cmd_train(args) -> int:
     from robolearn.cpu import reuse_freed_memory
 
+    _plain_warnings()  # a skipped damaged demo episode: one line naming it
     reuse_freed_memory()  # updates reuse their activations' pages instead of faulting them in again
     import torch
 
     from robolearn.train import TrainConfig, train
 
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(agent=args.agent, env=args.env, out=args.out or f"runs/{args.agent}_{args.env.split('/')[-1]}",
+    out = args.out or f"runs/{args.agent}_{args.env.split('/')[-1]}"
+    _check_writable(out, "--out", "dir")
+    cfg = TrainConfig(agent=args.agent, env=args.env, out=out,
                       frames=args.frames, seed=args.seed, demos=args.demos, eval_every=args.eval_every,
                       eval_episodes=args.eval_episodes, target_success=args.target_success,
                       checkpoint_every=args.checkpoint_every, video=not args.no_video,
@@ -109,6 +138,8 @@ def cmd_eval(args) -> int:
     from robolearn.checkpoint import read_config
     from robolearn.video import write_mp4
 
+    if args.video:
+        _check_writable(args.video, "--video", "file")
     config = read_config(args.checkpoint)
     env = make(args.env or config["env_id"], render_mode="rgb_array")
     agent, _ = load_agent(args.checkpoint, env)
@@ -151,6 +182,7 @@ def cmd_record(args) -> int:
         raise ValueError(f"--unpaced is for the scripted device; {args.teleop} is paced at the control rate")
     if args.fps is not None and args.fps <= 0:
         raise ValueError(f"--fps must be positive, got {args.fps}")
+    _check_writable(args.out, "--out", "dir")
     env_kwargs = _parse_overrides(args.env_set)
     if args.label and args.env.startswith("robolearn/Panda"):
         env_kwargs.setdefault("terminate_on_success", False)  # labels are wanted past the first success
@@ -194,6 +226,8 @@ def cmd_demos_replay(args) -> int:
     from robolearn.video import write_mp4
 
     _plain_warnings()
+    if args.video:
+        _check_writable(args.video, "--video", "file")
     result = replay_episode(args.dir, args.episode, simulate=not args.no_sim, render=args.render,
                             frames=bool(args.video) and not args.render,
                             env_overrides=_parse_overrides(args.env_set))
@@ -208,6 +242,7 @@ def cmd_demos_export(args) -> int:
     from robolearn.demos.convert import export_dataset
 
     _plain_warnings()
+    _check_writable(args.out, "--out")  # an existing export is export_dataset's to judge (--overwrite)
     out, n = export_dataset(args.dir, args.format, args.out, overwrite=args.overwrite, strict=args.strict)
     print(f"exported {n} episodes of {args.dir} as {args.format}: {out}")
     return 0
@@ -217,6 +252,7 @@ def cmd_demos_import(args) -> int:
     from robolearn.demos.convert import import_dataset
 
     _plain_warnings()
+    _check_writable(args.out, "--out", "dir")
     ds, n = import_dataset(args.path, args.format, args.out, env_id=args.env, strict=args.strict)
     print(f"imported {n} episodes from {args.path} ({args.format}) into {ds.path} ({len(ds)} episodes, "
           f"env {ds.env_id})")
@@ -275,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-episodes", type=int, default=20)
     p.add_argument("--target-success", type=float, help="stop once evaluation success reaches this (0..1)")
     p.add_argument("--checkpoint-every", type=int, default=5_000, help="agent steps between checkpoints")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="agent config field, e.g. utd_ratio=8")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="agent config field, e.g. utd_ratio=8; with --resume only the learner's pace and step "
+                        "sizes may change (docs/training.md)")
     p.add_argument("--env-set", action="append", metavar="KEY=VALUE", help="env option, e.g. image_size=64")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-video", action="store_true", help="skip the final eval video")
@@ -385,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, DatasetError, TeleopError) as err:
+    except (ValueError, TypeError, OSError, DatasetError, TeleopError) as err:  # OSError: a path not writable
         print(f"robolearn {args.command}: error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:  # a diverged run: the message names the step and last checkpoint

@@ -43,6 +43,10 @@ class ReplayConfig:
     demo_ratio: float = 0.5
 
 
+class ReplayFileError(ValueError):
+    """A replay file that cannot be restored: damaged, truncated, or saved by a buffer of another shape."""
+
+
 def _is_image(shape, dtype) -> bool:
     return np.dtype(dtype) == np.uint8 and len(shape) == 3
 
@@ -410,9 +414,9 @@ class ReplayBuffer:
         _save_h5(path, self._write_group)
 
     def load(self, path: str | os.PathLike) -> None:
-        """Restore contents saved by save() into this buffer (capacity, stack, nstep and spec must match)."""
-        with h5py.File(path, "r") as f:
-            self._read_group(f, str(path))
+        """Restore contents saved by save() into this buffer (capacity, stack, nstep and spec must match);
+        ReplayFileError names the file when it is damaged or does not fit."""
+        _load_h5(path, lambda f: self._read_group(f, str(path)))
 
     def _config(self) -> dict:
         return {"capacity": self.capacity, "frame_stack": self.frame_stack, "nstep": self.nstep,
@@ -425,22 +429,22 @@ class ReplayBuffer:
         g.attrs["state"] = json.dumps({"ptr": self._ptr, "size": n, "count": self._count,
                                        "next_episode": self._next_episode, "open": self._open,
                                        "cur": self._cur, "gamma": self.gamma})
-        for key, store in self._obs.items():
-            g.create_dataset(f"obs/{key}", data=store[:n])
+        for key, store in self._obs.items():  # Fletcher32: load() finds flipped bytes, not just a short file
+            g.create_dataset(f"obs/{key}", data=store[:n], fletcher32=True)
         for name in _SLOT_ARRAYS:
-            g.create_dataset(name, data=getattr(self, "_" + name)[:n])
+            g.create_dataset(name, data=getattr(self, "_" + name)[:n], fletcher32=True)
 
     def _read_group(self, g: h5py.Group, where: str) -> None:
         if g.attrs.get("format") != FORMAT or g.attrs.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{where}: not a {FORMAT} v{FORMAT_VERSION} file")
+            raise ReplayFileError(f"{where}: not a {FORMAT} v{FORMAT_VERSION} file")
         saved, ours = json.loads(g.attrs["config"]), self._config()
         for field in ("capacity", "frame_stack", "nstep", "action_shape"):
             if saved[field] != ours[field]:
-                raise ValueError(f"{where}: saved buffer has {field}={saved[field]}, this buffer {ours[field]}")
+                raise ReplayFileError(f"{where}: saved buffer has {field}={saved[field]}, this buffer {ours[field]}")
         try:
             compare_observation_specs(saved["observation"], ours["observation"], where, "this buffer")
         except DatasetError as err:
-            raise ValueError(str(err)) from None
+            raise ReplayFileError(str(err)) from None
         state = json.loads(g.attrs["state"])
         n = state["size"]
         for key, store in self._obs.items():
@@ -451,7 +455,8 @@ class ReplayBuffer:
         self._ptr, self._size, self._count = state["ptr"], n, int(self._sampleable.sum())
         self._next_episode, self._open, self._cur = state["next_episode"], state["open"], state["cur"]
         if self._count != state["count"]:
-            raise ValueError(f"{where}: inconsistent file ({self._count} sampleable slots, {state['count']} recorded)")
+            raise ReplayFileError(f"{where}: inconsistent file ({self._count} sampleable slots, "
+                                  f"{state['count']} recorded)")
 
 
 def _save_h5(path: str | os.PathLike, write: Callable[[h5py.File], None]) -> None:
@@ -465,6 +470,18 @@ def _save_h5(path: str | os.PathLike, write: Callable[[h5py.File], None]) -> Non
         tmp.unlink(missing_ok=True)
         raise
     commit_file(tmp, path)
+
+
+def _load_h5(path: str | os.PathLike, read: Callable[[h5py.File], None]) -> None:
+    """Open a saved replay file and `read` it; any failure is one ReplayFileError line naming the file."""
+    try:
+        with h5py.File(path, "r") as f:
+            read(f)
+    except ReplayFileError:
+        raise
+    except Exception as err:  # h5py: OSError (truncated, bad checksum), KeyError; json: ValueError
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise ReplayFileError(f"{path}: damaged or truncated replay file ({reason})") from None
 
 
 def _spaces_from_spec(spec: Mapping[str, dict]):
@@ -582,8 +599,9 @@ class MixedReplay:
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore both buffers; continue with add_first (an open intervention segment is ended)."""
-        with h5py.File(path, "r") as f:
+        def read(f: h5py.File) -> None:
             self.online._read_group(f["online"], f"{path}:online")
             self.demo._read_group(f["demo"], f"{path}:demo")
+        _load_h5(path, read)
         self.demo.end_episode()
         self._demo_open, self._last_obs = False, None

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import time
+import typing
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +47,109 @@ class TrainConfig:
     agent_overrides: dict = field(default_factory=dict)
 
 
+# The command-line option of each TrainConfig count that must be positive (errors name the option).
+POSITIVE_COUNTS = {"frames": "--frames", "eval_every": "--eval-every", "eval_episodes": "--eval-episodes",
+                   "checkpoint_every": "--checkpoint-every", "replay_capacity": "replay_capacity"}
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """The loop's own numbers, before anything is built; ValueError names the option."""
+    for name, option in POSITIVE_COUNTS.items():
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{option} must be a positive integer, got {value!r}")
+    if cfg.seed_steps is not None and (isinstance(cfg.seed_steps, bool) or not isinstance(cfg.seed_steps, int)
+                                       or cfg.seed_steps < 0):
+        raise ValueError(f"seed_steps must be a non-negative integer, got {cfg.seed_steps!r}")
+    if cfg.target_success is not None and not 0 <= cfg.target_success <= 1:
+        raise ValueError(f"--target-success must be in [0, 1], got {cfg.target_success!r}")
+
+
 # -- agents --------------------------------------------------------------------------------
+
+# Ranges of agent options by field name (SERLConfig and DrQV2Config name the same things alike).
+POSITIVE = {"batch_size", "utd_ratio", "num_critics", "critic_subsample", "nstep", "frame_stack", "feature_dim",
+            "hidden_dims", "hidden_dim", "conv_channels", "conv_strides", "action_repeat", "update_every_steps",
+            "num_train_frames", "replay_buffer_size", "encoder_chunk_size", "lr", "init_temperature"}
+NON_NEGATIVE = {"aug_pad", "num_seed_frames", "stddev_clip"}
+FRACTIONS = {"gamma", "discount", "tau", "critic_target_tau"}  # in [0, 1]
+# What --set may change on --resume: the learner's pace and step sizes. The rest shapes the saved
+# networks or what they compute (sizes, activation, inputs, log-std bounds, channels_last's
+# flattening order), or the saved replay's n-step returns (nstep, gamma).
+RESUME_SAFE = {"lr", "tau", "critic_target_tau", "batch_size", "utd_ratio", "critic_subsample", "target_entropy",
+               "backup_entropy", "aug_pad", "compile", "stddev_schedule", "stddev_clip", "num_seed_frames",
+               "update_every_steps", "num_train_frames", "encoder_chunk_size", "fused_adam"}
+
+
+def _check_agent_option(key: str, value, hint):
+    """`value` for agent config field `key`, checked against its type and range (ValueError names it)."""
+    from robolearn.config_check import check_value
+
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # --set stddev_schedule=0.2 parses as a number
+    check_value(value, hint, key)
+    if value is None or key not in POSITIVE | NON_NEGATIVE | FRACTIONS:
+        pass
+    elif isinstance(value, (list, tuple)):
+        if not value or min(value) <= 0:
+            raise ValueError(f"{key} must be a non-empty list of positive numbers, got {list(value)}")
+    elif key in POSITIVE and not value > 0:
+        raise ValueError(f"{key} must be positive, got {value!r}")
+    elif key in NON_NEGATIVE and not value >= 0:
+        raise ValueError(f"{key} must be zero or more, got {value!r}")
+    elif key in FRACTIONS and not 0 <= value <= 1:
+        raise ValueError(f"{key} must be in [0, 1], got {value!r}")
+    if key == "activation":
+        from robolearn.agents.serl import ACTIVATIONS
+        if value not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {value!r}")
+    elif key == "frozen_arch":
+        from robolearn.agents.encoders import FROZEN_ARCHS
+        if value not in FROZEN_ARCHS:
+            raise ValueError(f"frozen_arch must be one of {list(FROZEN_ARCHS)}, got {value!r}")
+    elif key == "stddev_schedule":
+        from robolearn.agents.drqv2 import stddev
+        try:
+            stddev(value, 0)
+        except ValueError as err:
+            raise ValueError(f"stddev_schedule {value!r}: {err}") from None
+    return value
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def make_agent_config(name: str, overrides: dict, seed: int, action_repeat: int = 1, saved: dict | None = None):
+    """The agent config: the defaults (and the env's action repeat for drqv2), or a checkpoint's
+    `saved` one, with --set `overrides`. Every value is checked against its field's type and range;
+    on a saved config only RESUME_SAFE fields may change. ValueError names the option."""
+    _, cfg_cls = agent_classes(name)
+    hints = typing.get_type_hints(cfg_cls)
+    unknown = set(overrides) - set(hints)
+    if unknown:
+        raise ValueError(f"{name}: unknown agent option(s) {sorted(unknown)}; valid: {sorted(hints)}")
+    if saved is None:
+        base = {**asdict(cfg_cls()), "seed": seed, **({"action_repeat": action_repeat} if name == "drqv2" else {})}
+    else:
+        base = dict(saved)
+        fixed = sorted(k for k, v in overrides.items() if k not in RESUME_SAFE and _plain(v) != _plain(saved.get(k)))
+        if fixed:
+            raise ValueError(f"--set {', '.join(fixed)} cannot change on --resume: the saved networks or replay "
+                             f"depend on it; a resumed run may change {', '.join(sorted(RESUME_SAFE & set(hints)))}")
+    merged = {**base, **overrides}
+    for key in [k for k in merged if k in hints]:
+        try:
+            merged[key] = _check_agent_option(key, merged[key], hints[key])
+        except ValueError as err:
+            if saved is None or key in overrides:
+                raise ValueError(f"--set {err}") from None
+            fix = f"repair it with --resume --set {key}=VALUE" if key in RESUME_SAFE else "--resume cannot change it"
+            raise ValueError(f"the checkpoint's agent option {err}; {fix}") from None
+    if merged.get("log_std_min", 0) >= merged.get("log_std_max", 1):
+        raise ValueError(f"--set log_std_min ({merged['log_std_min']}) must be below log_std_max "
+                         f"({merged['log_std_max']})")
+    return cfg_cls.from_dict(merged)
 
 def agent_classes(name: str):
     if name == "serl":
@@ -58,19 +162,11 @@ def agent_classes(name: str):
 
 
 def build_agent(name: str, env, overrides: dict, seed: int, agent_config: dict | None = None):
-    """An agent for env's spaces; agent_config (agent.config_dict() from a checkpoint) wins over defaults."""
-    agent_cls, cfg_cls = agent_classes(name)
-    if agent_config is not None:
-        cfg = cfg_cls.from_dict(agent_config["config"])
-    else:
-        base = {"seed": seed}
-        if name == "drqv2":
-            base["action_repeat"] = getattr(env.unwrapped, "action_repeat", 1)
-        valid = set(cfg_cls.__dataclass_fields__)
-        unknown = set(overrides) - valid
-        if unknown:
-            raise ValueError(f"{name}: unknown agent option(s) {sorted(unknown)}; valid: {sorted(valid)}")
-        cfg = cfg_cls.from_dict({**asdict(cfg_cls()), **base, **overrides})
+    """An agent for env's spaces; agent_config (agent.config_dict() from a checkpoint) wins over defaults,
+    and overrides over both (see make_agent_config)."""
+    agent_cls, _ = agent_classes(name)
+    cfg = make_agent_config(name, overrides, seed, getattr(env.unwrapped, "action_repeat", 1),
+                            None if agent_config is None else agent_config["config"])
     return agent_cls(env.observation_space, env.action_space, cfg), cfg
 
 
@@ -89,7 +185,12 @@ def make_replay(cfg: TrainConfig, env, params: dict):
                           frame_stack=params["frame_stack"], nstep=params["nstep"], gamma=params["gamma"])
     if not cfg.demos:
         return online
-    demo = ReplayBuffer.from_dataset(cfg.demos, env.observation_space, env.action_space,
+    from robolearn.demos.dataset import Dataset
+
+    # Damaged episodes (no steps, non-finite values, wrong shapes, bad checksums) are skipped with a warning
+    # naming them, not found later as a NaN loss; a dataset left with none is an error naming it.
+    demos = Dataset(cfg.demos).require_episodes("for --demos")
+    demo = ReplayBuffer.from_dataset(demos, env.observation_space, env.action_space,
                                      frame_stack=params["frame_stack"], nstep=params["nstep"], gamma=params["gamma"])
     return MixedReplay(online, demo, demo_ratio=0.5)
 
@@ -115,6 +216,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, console=None):
         from robolearn.sim import make
 
+        check_train_config(cfg)
         self.cfg, self.out = cfg, Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.console = console
@@ -124,14 +226,21 @@ class Trainer:
         self.step, self.episode, self.history = 0, 0, {"train": [], "eval": []}
         self.rng = np.random.default_rng(cfg.seed)
         torch.manual_seed(cfg.seed)
-        state = None
+        state, self.saved = None, None  # (step, checkpoint) of the last save
         if resume:
-            ckpt, weights, config, state = ckpt_io.load_checkpoint(self.out)
+            ckpt, weights, config, state, skipped = ckpt_io.load_newest_good(self.out)
+            for reason in skipped:
+                warnings.warn(f"skipping a damaged checkpoint: {reason}")
+            if skipped:
+                warnings.warn(f"resuming from {ckpt}, the newest intact checkpoint")
             self._check_resumable(config, ckpt)
-            self.agent, self.agent_cfg = build_agent(cfg.agent, self.env, {}, cfg.seed, config["agent_config"])
+            self.agent, self.agent_cfg = build_agent(cfg.agent, self.env, cfg.agent_overrides, cfg.seed,
+                                                     config["agent_config"])
             self.agent.load_state_dict(weights)
+            if not skipped and json.loads(json.dumps(asdict(self.agent_cfg))) == config["agent_config"]["config"]:
+                self.saved = (state["step"], ckpt)  # nothing new to save until the step moves on
         else:
-            if (self.ckpt_dir / "latest.json").exists():
+            if (self.ckpt_dir / "latest.json").exists() or any(self.ckpt_dir.glob("step_*")):
                 raise ValueError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
             self.agent, self.agent_cfg = build_agent(cfg.agent, self.env, cfg.agent_overrides, cfg.seed)
         self.params = loop_params(cfg.agent, self.agent_cfg, self.env)
@@ -154,6 +263,10 @@ class Trainer:
         ckpt_io.check_matches(spec, {"agent": self.cfg.agent, "env_id": self.cfg.env}, where)
 
     def save(self) -> Path:
+        """Checkpoint the run; a step already saved (the final save after a periodic one) is not
+        written again, so a kill can never catch its only copy being replaced."""
+        if self.saved is not None and self.saved[0] == self.step:
+            return self.saved[1]
         weights = self.agent.state_dict()
         bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:  # never let a poisoned checkpoint replace the last good one
@@ -162,7 +275,9 @@ class Trainer:
         state = {"step": self.step, "episode": self.episode, "rng": self.rng.bit_generator.state,
                  "history": self.history}
         extra = {"replay.h5": self.replay.save} if self.cfg.save_replay else {}
-        return ckpt_io.save_checkpoint(self.ckpt_dir, self.step, weights, config, state, extra)
+        path = ckpt_io.save_checkpoint(self.ckpt_dir, self.step, weights, config, state, extra)
+        self.saved = (self.step, path)
+        return path
 
     def _restore(self, ckpt: Path, state: dict) -> None:
         self.step, self.episode, self.history = state["step"], state["episode"], state["history"]
@@ -294,7 +409,7 @@ def train(cfg: TrainConfig, resume: bool = False, console=None) -> dict:
     try:
         return trainer.run()
     except (NonFiniteLossError, TrainingDiverged) as err:
-        last = ckpt_io.resolve(trainer.out) if (trainer.ckpt_dir / "latest.json").exists() else "none yet"
+        last = ckpt_io.last_good(trainer.out) or "none yet"  # only one whose weights load
         raise TrainingDiverged(f"{err}\ntraining stopped at agent step {trainer.step}; nothing was saved after "
                                f"the last good checkpoint: {last}") from err
     finally:

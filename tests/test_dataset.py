@@ -102,14 +102,14 @@ def small_spaces(state_dim=3, image=(8, 8, 3), action_dim=2):
     return obs, gym.spaces.Box(-1.0, 1.0, (action_dim,), np.float32)
 
 
-def write_small(path, episodes=2, length=5, **space_kwargs):
+def write_small(path, episodes=2, length=5, robot=False, compression="gzip", **space_kwargs):
     obs_space, act_space = small_spaces(**space_kwargs)
-    w = DatasetWriter(path, "test/Small-v0", obs_space, act_space, fps=20)
+    w = DatasetWriter(path, "test/Small-v0", obs_space, act_space, fps=20, compression=compression)
     for _ in range(episodes):
-        w.begin_episode(obs_space.sample())
+        w.begin_episode(obs_space.sample(), robot=arm_state() if robot else None)
         for t in range(length):
             w.add_step(act_space.sample(), obs_space.sample(), 1.0, False, t == length - 1, False,
-                       intervention=t % 2 == 0)
+                       intervention=t % 2 == 0, robot=arm_state(stamp=t) if robot else None)
         w.end_episode()
     return w
 
@@ -335,3 +335,119 @@ def test_robot_state_mismatches_name_the_field(tmp_path):
         Dataset(tmp_path / "ds", strict=True)
     with pytest.warns(UserWarning, match="episode_000000.h5.*robot/joint_velocity"):
         assert len(Dataset(tmp_path / "ds")) == 0
+
+
+# -- damaged datasets: one check per episode when a dataset is opened --------------------------
+
+def _set(name, row, value):
+    def damage(f):
+        f[name][row] = value
+    return damage
+
+
+def _reshape_action(f):
+    del f["action"]
+    f["action"] = np.zeros((5, 3), np.float32)
+
+
+def _empty(f):
+    for key in ("action", "reward", "terminated", "truncated", "success", "intervention", "timestamp"):
+        f[key].resize(0, axis=0)
+    for group in ("obs/images/front", "obs/state", *(f"robot/{k}" for k in f["robot"])):
+        f[group].resize(1, axis=0)
+    f.attrs["length"] = 0
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_set("action", 2, [np.nan, 0.0]), r"action\[2\] is nan"),
+    (_set("reward", 4, np.inf), r"reward\[4\] is inf"),
+    (_set("obs/state", 5, [0.0, -np.inf, 0.0]), r"obs/state\[5\] is -inf"),
+    (_set("robot/joint_position", 0, np.full(7, np.nan)), r"robot/joint_position\[0\] is nan"),
+    (_set("robot/tool_pose", 3, [0, 0, np.inf, 1, 0, 0, 0]), r"robot/tool_pose\[3\] is inf"),
+    (_reshape_action, r"action has shape \(5, 3\), expected \(5, 2\)"),
+    (_empty, "the episode has no steps"),
+], ids=["nan-action", "inf-reward", "inf-obs", "nan-robot", "inf-tool-pose", "action-shape", "length-0"])
+def test_damaged_arrays_are_refused_naming_the_file_and_field(tmp_path, capsys, damage, message):
+    from robolearn.cli import main
+
+    write_small(tmp_path / "ds", episodes=3, robot=True)
+    with h5py.File(tmp_path / "ds" / "episode_000001.h5", "a") as f:
+        damage(f)
+    with pytest.raises(DatasetError, match="episode_000001.h5: " + message):
+        Dataset(tmp_path / "ds", strict=True)
+    with pytest.warns(UserWarning, match="episode_000001.h5: " + message):
+        ds = Dataset(tmp_path / "ds")
+    assert [p.name for p in ds.paths] == ["episode_000000.h5", "episode_000002.h5"]
+    assert len(ds.skipped) == 1 and "episode_000001.h5" in ds.skipped[0]
+    capsys.readouterr()
+    assert main(["demos", "info", str(tmp_path / "ds"), "--strict"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "episode_000001.h5" in err and "Traceback" not in err, err
+
+
+def _flip_a_byte(file, name, chunk=0):
+    """Flip the lowest bit of the first byte of a chunk: for a float that is the mantissa's last bit,
+    so the damaged value is still finite and plausible."""
+    with h5py.File(file, "r") as f:
+        offset = f[name].id.get_chunk_info(chunk).byte_offset
+    with open(file, "r+b") as raw:
+        raw.seek(offset)
+        byte = raw.read(1)[0]
+        raw.seek(offset)
+        raw.write(bytes([byte ^ 1]))
+
+
+@pytest.mark.parametrize("name", ["action", "reward", "obs/state", "robot/joint_velocity", "robot/stamp"])
+def test_flipped_bytes_are_found_by_the_checksum(tmp_path, name):
+    write_small(tmp_path / "ds", episodes=3, robot=True)
+    _flip_a_byte(tmp_path / "ds" / "episode_000002.h5", name)
+    with pytest.raises(DatasetError, match=f"episode_000002.h5: {name}.*corrupt"):
+        Dataset(tmp_path / "ds", strict=True)
+    with pytest.warns(UserWarning, match=f"episode_000002.h5: {name}"):
+        assert len(Dataset(tmp_path / "ds")) == 2
+
+
+def test_flipped_bytes_in_uncompressed_images_are_found_when_read(tmp_path, capsys):
+    from robolearn.cli import main
+
+    write_small(tmp_path / "ds", episodes=2, compression=None)
+    _flip_a_byte(tmp_path / "ds" / "episode_000000.h5", "obs/images/front", chunk=3)
+    ds = Dataset(tmp_path / "ds", strict=True)  # opening reads no image (that would be slow)
+    with pytest.raises(DatasetError, match="episode_000000.h5: obs/images/front.*corrupt"):
+        ds.episode(0)
+    with pytest.warns(UserWarning, match="episode_000000.h5: obs/images/front"):
+        assert len(list(Dataset(tmp_path / "ds"))) == 1
+    with pytest.raises(DatasetError, match="episode_000000.h5: obs/images/front"):
+        list(ds)
+    assert main(["demos", "info", str(tmp_path / "ds"), "--strict"]) == 2  # --strict reads every frame
+    assert "episode_000000.h5: obs/images/front" in capsys.readouterr().err
+
+
+def test_every_array_carries_a_checksum_and_files_without_one_still_read(tmp_path, monkeypatch):
+    import robolearn.demos.dataset as dataset
+
+    write_small(tmp_path / "new", episodes=1, robot=True)
+    with h5py.File(tmp_path / "new" / "episode_000000.h5") as f:
+        arrays = []
+        f.visititems(lambda name, obj: arrays.append(obj) if isinstance(obj, h5py.Dataset) else None)
+        assert len(arrays) == 14 and all(a.fletcher32 for a in arrays)
+    monkeypatch.setattr(dataset, "CHECKSUMS", False)  # as robolearn wrote episodes before checksums
+    write_small(tmp_path / "old", episodes=2, robot=True)
+    with h5py.File(tmp_path / "old" / "episode_000000.h5") as f:
+        assert not f["action"].fletcher32 and not f["robot/stamp"].fletcher32
+    monkeypatch.undo()
+    old = Dataset(tmp_path / "old", strict=True)
+    assert len(old) == 2 and len(list(old)) == 2 and old.episode(1)["robot"]["stamp"][-1] == 4.0
+    write_small(tmp_path / "old", episodes=1, robot=True)  # appending: new episodes get checksums
+    with h5py.File(tmp_path / "old" / "episode_000002.h5") as f:
+        assert f["action"].fletcher32
+    assert len(Dataset(tmp_path / "old", strict=True)) == 3
+
+
+@pytest.mark.parametrize("attrs", ["{not json", "[1, 2]"])
+def test_malformed_attrs_json_names_the_file(tmp_path, attrs):
+    write_small(tmp_path / "ds", episodes=1)
+    with h5py.File(tmp_path / "ds" / "episode_000000.h5", "a") as f:
+        f.attrs["attrs"] = attrs
+    with pytest.raises(DatasetError, match="episode_000000.h5: attrs"):
+        Dataset(tmp_path / "ds").episode_attrs(0)

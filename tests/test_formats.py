@@ -441,6 +441,91 @@ def test_mcap_import_names_a_robot_array_of_the_wrong_width(src, tmp_path):
     out, _ = export_dataset(src.path, "mcap", tmp_path / "bag")
     meta, loaders = mcap_format.read(out)
     meta["robot_state"]["joint_names"] = PANDA_JOINTS[:6]  # as if the bag's meta named six joints
-    with pytest.raises(DatasetError, match="episode 0: robot 'joint_position' has shape \\(\\d+, 7\\), "
+    with pytest.raises(DatasetError, match="episode 0: robot/joint_position has shape \\(\\d+, 7\\), "
                                            "expected \\(\\d+, 6\\)"):
         next(loaders)()
+
+
+# -- damaged episodes and replays that do not reproduce ---------------------------------------
+
+def small_dataset(path, episodes=2, length=4):
+    import gymnasium as gym
+
+    obs_space = gym.spaces.Dict({"images/front": gym.spaces.Box(0, 255, (8, 8, 3), np.uint8),
+                                 "state": gym.spaces.Box(-1, 1, (3,), np.float32)})
+    act_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+    with DatasetWriter(path, "test/Small-v0", obs_space, act_space, fps=20) as w:
+        for _ in range(episodes):
+            w.begin_episode(obs_space.sample())
+            for t in range(length):
+                w.add_step(act_space.sample(), obs_space.sample(), 1.0, False, t == length - 1, False)
+            w.end_episode()
+    return path
+
+
+def make_empty(file):
+    """Cut an episode file to 0 steps (a file from another tool; our writer refuses to write one)."""
+    with h5py.File(file, "a") as f:
+        for key in STEP_KEYS:
+            f[key].resize(0, axis=0)
+        for key in ("obs/images/front", "obs/state"):
+            f[key].resize(1, axis=0)
+        f.attrs["length"] = 0
+
+
+def test_lerobot_export_of_a_length_0_episode_is_a_named_error(tmp_path):
+    path = small_dataset(tmp_path / "ds")
+    make_empty(path / "episode_000001.h5")
+    with pytest.raises(DatasetError, match="episode_000001.h5: the episode has no steps"):
+        export_dataset(path, "lerobot", tmp_path / "strict", strict=True)
+    with pytest.warns(UserWarning, match="episode_000001.h5: the episode has no steps"):
+        out, n = export_dataset(path, "lerobot", tmp_path / "lerobot")
+    assert n == 1 and json.loads((out / "meta/info.json").read_text())["total_episodes"] == 1
+    make_empty(path / "episode_000000.h5")
+    with pytest.raises(DatasetError, match="no usable episodes.*episode_000000.h5: the episode has no steps"), \
+            pytest.warns(UserWarning):
+        export_dataset(path, "lerobot", tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.fixture(scope="module")
+def reach(tmp_path_factory) -> Path:
+    """One scripted PandaReach episode (seed 0) with its robot state: quick to replay."""
+    path = tmp_path_factory.mktemp("reach") / "ds"
+    env = rsim.make("robolearn/PandaReach-v0")
+    write_expert_episodes(env, env.unwrapped.task.expert(env.unwrapped), path, 1)
+    env.close()
+    return path
+
+
+@pytest.mark.parametrize("name", [None, "reward", "robot/joint_position", "robot/tool_pose"])
+def test_replay_reports_a_reward_or_state_difference_as_diverged(reach, tmp_path, name):
+    from robolearn.demos.playback import format_replay, replay_episode
+
+    path = tmp_path / "ds"
+    shutil.copytree(reach, path)
+    if name:
+        with h5py.File(path / "episode_000000.h5", "a") as f:
+            f[name][3] = f[name][3] + 0.01  # far beyond the tolerance; the observations are untouched
+    result = replay_episode(path, 0)
+    text = format_replay(result)
+    if name is None:
+        assert result.reproduced and "reproduced" in text
+        return
+    assert not result.reproduced and "reproduced" not in text and "diverged" in text
+    assert result.first_divergent_step == (3 if name == "robot/joint_position" or name == "robot/tool_pose" else 4)
+    assert name in text
+
+
+@pytest.mark.parametrize("attrs, named", [
+    ({"seed": -1}, "seed"), ({"seed": 2.5}, "seed"), ({"seed": "7"}, "seed"), ({"seed": True}, "seed"),
+    ("{not json", "attrs"), ("[0]", "attrs"),
+])
+def test_replay_names_a_bad_seed_or_attrs(reach, tmp_path, capsys, attrs, named):
+    path = tmp_path / "ds"
+    shutil.copytree(reach, path)
+    with h5py.File(path / "episode_000000.h5", "a") as f:
+        f.attrs["attrs"] = attrs if isinstance(attrs, str) else json.dumps(attrs)
+    assert cli_main(["demos", "replay", str(path), "--episode", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "episode_000000.h5" in err and named in err, err

@@ -6,6 +6,7 @@ import time
 from collections import deque
 
 import gymnasium as gym
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -383,3 +384,39 @@ def test_add_episode_equals_step_by_step(k, n, capacity):
         assert_same_buffer(whole, steps)
     for name in ("_ptr", "_cur", "_next_episode", "_open", "_count"):
         assert getattr(whole, name) == getattr(steps, name)
+
+
+def _flip_first_byte(file, name):
+    with h5py.File(file, "r") as f:
+        offset = f[name].id.get_chunk_info(0).byte_offset
+    with open(file, "r+b") as raw:
+        raw.seek(offset)
+        byte = raw.read(1)[0]
+        raw.seek(offset)
+        raw.write(bytes([byte ^ 1]))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "missing array", "bad state"])
+def test_a_damaged_replay_file_is_a_one_line_error_naming_it(tmp_path, damage):
+    src = filled(k=3, n=3, capacity=40)
+    src.save(tmp_path / "replay.h5")
+    mixed = MixedReplay(filled(capacity=40), filled(capacity=40, seed=3))
+    mixed.save(tmp_path / "mixed.h5")
+    for file in (tmp_path / "replay.h5", tmp_path / "mixed.h5"):
+        prefix = "demo/" if file.name == "mixed.h5" else ""
+        if damage == "truncated":
+            file.write_bytes(file.read_bytes()[:3000])
+        elif damage == "flipped":  # inside uncompressed float data: only a checksum can tell
+            _flip_first_byte(file, prefix + "reward")
+        elif damage == "missing array":
+            with h5py.File(file, "a") as f:
+                del f[prefix + "obs/state"]
+        else:
+            with h5py.File(file, "a") as f:
+                f[prefix or "/"].attrs["state"] = "{"
+    for file, fresh in ((tmp_path / "replay.h5", filled(k=3, n=3, capacity=40, episodes=0)),
+                        (tmp_path / "mixed.h5", MixedReplay(filled(capacity=40, episodes=0),
+                                                            filled(capacity=40, episodes=0)))):
+        with pytest.raises(ValueError, match=f"{file.name}.*damaged") as info:
+            fresh.load(file)
+        assert len(str(info.value).splitlines()) == 1
