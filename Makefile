@@ -13,7 +13,7 @@ APT_PACKAGES := libosmesa6 libusb-1.0-0 tmux
 # A pinned torch: on machines that carry its CPU wheel pip takes that one; elsewhere PyPI's
 # build (CUDA on Linux x86_64). Override for another index, e.g. TORCH_SPEC="torch==2.13.0 --index-url URL".
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,ros,realsense,formats,teleop
+EXTRAS ?= sim,test,ros,realsense,formats,teleop
 
 # Every process the tests start keeps DDS on loopback, in a domain of its own.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST

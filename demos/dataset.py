@@ -565,21 +565,30 @@ def _env_id(env) -> str:
 
 
 def write_expert_episodes(env, policy: Callable[[dict], np.ndarray], path: str | os.PathLike, episodes: int,
-                          seed: int = 0, robot: str = "panda") -> list[Path]:
-    """Run `policy` for `episodes` episodes (reset seeds seed, seed+1, ...) and append them to `path`."""
+                          seed: int = 0, robot: str = "panda", success_key: str | None = "success") -> list[Path]:
+    """Run `policy` for `episodes` episodes (reset seeds seed, seed+1, ...) and append them to `path`.
+
+    policy.reset() (if it has one) is called at each episode start; per-step success is
+    info[success_key], with a warning naming the env if it never reported that key."""
+    from robolearn.rollout import episode_success, reset_policy, warn_unreported
+
     fps = env.metadata.get("render_fps") or 10
     writer = DatasetWriter(path, _env_id(env), env.observation_space, env.action_space, fps=fps, robot=robot)
-    written = []
+    written, reported = [], False
     with writer:
         for ep in range(episodes):
             obs, _ = env.reset(seed=seed + ep)
+            reset_policy(policy)
             writer.begin_episode(obs, robot=robot_state(env), seed=seed + ep)
             done = False
             while not done:
                 action = policy(obs)
                 obs, reward, terminated, truncated, info = env.step(action)
-                writer.add_step(action, obs, reward, terminated, truncated, bool(info.get("success", False)),
+                writer.add_step(action, obs, reward, terminated, truncated, episode_success(info, success_key),
                                 robot=robot_state(env))
+                reported = reported or (success_key is not None and success_key in info)
                 done = terminated or truncated
             written.append(writer.end_episode())
+    if not reported:
+        warn_unreported(env, success_key, episodes)
     return written

@@ -102,6 +102,17 @@ def _check_writable(path, option: str, kind: str | None = None) -> None:
         raise ValueError(f"{option} {path}: the folder {folder} is not writable")
 
 
+def _import_modules(names: list[str] | None) -> None:
+    """--import-module: import packages that register gymnasium envs (gym_hil, ...)."""
+    import importlib
+
+    for name in names or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ValueError(f"--import-module {name}: {err}") from None
+
+
 def cmd_train(args) -> int:
     from robolearn.cpu import reuse_freed_memory
 
@@ -117,7 +128,8 @@ def cmd_train(args) -> int:
         torch.set_num_threads(args.threads)
     out = args.out or f"runs/{args.agent}_{args.env.split('/')[-1]}"
     _check_writable(out, "--out", "dir")
-    cfg = TrainConfig(agent=args.agent, env=args.env, out=out,
+    _import_modules(args.import_module)
+    cfg = TrainConfig(agent=args.agent, env=args.env, out=out, success_key=args.success_key or None,
                       frames=args.frames, seed=args.seed, demos=args.demos, eval_every=args.eval_every,
                       eval_episodes=args.eval_episodes, target_success=args.target_success,
                       checkpoint_every=args.checkpoint_every, video=not args.no_video,
@@ -133,7 +145,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from robolearn.sim import make
+    from robolearn.rollout import make_env
     from robolearn.train import evaluate, load_agent
     from robolearn.checkpoint import read_config
     from robolearn.video import write_mp4
@@ -141,9 +153,18 @@ def cmd_eval(args) -> int:
     if args.video:
         _check_writable(args.video, "--video", "file")
     config = read_config(args.checkpoint)
-    env = make(args.env or config["env_id"], render_mode="rgb_array")
+    _import_modules(args.import_module)
+    env_id = args.env or config["env_id"]
+    # The env options the run was trained with (--env-set), then this command's own.
+    env_kwargs = {**(config.get("train_config") or {}).get("env_kwargs", {}), **_parse_overrides(args.env_set)}
+    if args.video or env_id.startswith("robolearn/"):
+        env_kwargs["render_mode"] = "rgb_array"
+    env = make_env(env_id, **env_kwargs)
     agent, _ = load_agent(args.checkpoint, env)
-    rate, ret, frames = evaluate(agent, env, args.episodes, seed=args.seed, record=bool(args.video))
+    success_key = config.get("train_config", {}).get("success_key", "success") if args.success_key is None \
+        else args.success_key or None
+    rate, ret, frames = evaluate(agent, env, args.episodes, seed=args.seed, record=bool(args.video),
+                                 success_key=success_key)
     print(f"{config['agent']} on {config['env_id']}: success {rate:.1%} over {args.episodes} episodes, "
           f"mean return {ret:.2f}")
     if args.video:
@@ -301,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train DrQ-v2 or SERL (RLPD) in a task. Writes TensorBoard logs, checkpoints "
                                    "(safetensors + JSON), a learning-curve PNG and an eval video under --out.")
     p.add_argument("--agent", choices=["drqv2", "serl"], required=True)
-    p.add_argument("--env", required=True, help="env id (see `robolearn envs`)")
+    p.add_argument("--env", required=True, help="env id (see `robolearn envs`), or any gymnasium id registered "
+                                                "through --import-module or given as PKG:Id (docs/training.md)")
     p.add_argument("--demos", help="episode dataset directory for the demo buffer (50/50 sampling)")
     p.add_argument("--frames", type=int, default=20_000, help="env frames to train for (default: 20000)")
     p.add_argument("--seed", type=int, default=0)
@@ -317,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env-set", action="append", metavar="KEY=VALUE", help="env option, e.g. image_size=64")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-video", action="store_true", help="skip the final eval video")
+    p.add_argument("--import-module", action="append", metavar="PKG",
+                   help="import PKG first, to register its gymnasium envs for --env (e.g. gym_hil)")
+    p.add_argument("--success-key", default="success",
+                   help="the info key the env reports success under (default: success; '' for none)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint",
@@ -324,8 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a run dir, its checkpoints/ dir, or one step_* dir")
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--env", help="env id (default: the checkpoint's)")
+    p.add_argument("--env-set", action="append", metavar="KEY=VALUE",
+                   help="env option over the ones the run was trained with (repeatable)")
     p.add_argument("--seed", type=int, default=1_000_000, help="seed of the first episode")
     p.add_argument("--video", metavar="OUT.mp4", help="write episode 0 to this mp4")
+    p.add_argument("--import-module", action="append", metavar="PKG",
+                   help="import PKG first, to register its gymnasium envs (e.g. gym_hil)")
+    p.add_argument("--success-key", help="the info key success is reported under (default: the run's)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("record", help="record demonstrations with a teleop device",

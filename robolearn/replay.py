@@ -70,7 +70,9 @@ class ReplayBuffer:
     """
 
     def __init__(self, capacity: int, observation_space, action_space, frame_stack: int = 1, nstep: int = 1,
-                 gamma: float = 0.99, device: torch.device | str | None = None):
+                 gamma: float = 0.99, device: torch.device | str | None = None, seed: int = 0):
+        """seed: of `self.rng`, the generator sampling uses when no `rng` is passed; the same seed and the
+        same adds give the same batches (the training loop passes its own seeded generator)."""
         for name, value in (("frame_stack", frame_stack), ("nstep", nstep)):
             if int(value) != value or value < 1:
                 raise ValueError(f"ReplayBuffer: {name} must be a positive int, got {value!r}")
@@ -113,7 +115,7 @@ class ReplayBuffer:
         self._ptr = self._size = self._count = self._next_episode = 0
         self._open = False  # an episode is being added
         self._cur = -1      # slot of the newest observation
-        self.rng = np.random.default_rng()
+        self.rng = np.random.default_rng(seed)
         self._staging: tuple | None = None  # (batch size, arrays, their idle refcounts); see _alloc
 
     @classmethod

@@ -13,8 +13,9 @@ import time
 import typing
 import warnings
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ import torch
 from robolearn import checkpoint as ckpt_io
 from robolearn.agents.errors import NonFiniteLossError
 from robolearn.replay import MixedReplay, ReplayBuffer
-from robolearn.rollout import run_episodes
+from robolearn.rollout import SUCCESS_KEY, episode_success, make_env, run_episodes
 
 
 @dataclass
@@ -45,6 +46,8 @@ class TrainConfig:
     video: bool = True  # an eval episode as mp4 beside the final checkpoint
     env_kwargs: dict = field(default_factory=dict)
     agent_overrides: dict = field(default_factory=dict)
+    # The info key the env reports success under (None: it has none); docs/training.md, "Your own env".
+    success_key: str | None = SUCCESS_KEY
 
 
 # The command-line option of each TrainConfig count that must be positive (errors name the option).
@@ -197,10 +200,12 @@ def make_replay(cfg: TrainConfig, env, params: dict):
 
 # -- evaluation ------------------------------------------------------------------------------
 
-def evaluate(agent, env, episodes: int, seed: int = 1_000_000, record: bool = False):
-    """Deterministic-policy episodes on fixed seeds: (success rate, mean return, frames of episode 0)."""
+def evaluate(agent, env, episodes: int, seed: int = 1_000_000, record: bool = False,
+             success_key: str | None = SUCCESS_KEY):
+    """Deterministic-policy episodes on fixed seeds: (success rate, mean return, frames of episode 0).
+    An env that never reports info[success_key] is named in a warning (robolearn.rollout.warn_unreported)."""
     res = run_episodes(env, lambda obs: agent.act(obs, explore=False), episodes, seed=seed,
-                       video_episode=0 if record else None)
+                       video_episode=0 if record else None, success_key=success_key)
     return res.success_rate, float(np.mean(res.returns)), res.frames
 
 
@@ -213,15 +218,24 @@ class TrainingDiverged(FloatingPointError):
 class Trainer:
     """One training run; `run()` trains to the frame budget or the target success."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, console=None):
-        from robolearn.sim import make
-
+    def __init__(self, cfg: TrainConfig, resume: bool = False, console=None,
+                 env_factory: Callable[[], typing.Any] | None = None):
+        """env_factory: builds the training and the eval env (called twice) instead of cfg.env; checkpoints
+        then name the env by its gymnasium id, or "module:Class" without one. Contract: docs/training.md."""
         check_train_config(cfg)
-        self.cfg, self.out = cfg, Path(cfg.out)
+        self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.console = console
-        self.env = make(cfg.env, **cfg.env_kwargs)
-        self.eval_env = make(cfg.env, render_mode="rgb_array", **cfg.env_kwargs)
+        if env_factory is None:
+            self.env = make_env(cfg.env, **cfg.env_kwargs)
+            # another package's env gets render_mode only when a video is wanted (it may not take one)
+            render = cfg.video or cfg.env.startswith("robolearn/")
+            self.eval_env = make_env(cfg.env, **({"render_mode": "rgb_array"} if render else {}), **cfg.env_kwargs)
+        else:
+            self.env, self.eval_env = env_factory(), env_factory()
+            spec, cls = self.env.spec, type(self.env.unwrapped)
+            cfg = replace(cfg, env=spec.id if spec is not None else f"{cls.__module__}:{cls.__qualname__}")
+        self.cfg = cfg
         self.repeat = getattr(self.env.unwrapped, "action_repeat", 1)
         self.step, self.episode, self.history = 0, 0, {"train": [], "eval": []}
         self.rng = np.random.default_rng(cfg.seed)
@@ -326,14 +340,15 @@ class Trainer:
                             writer.add_scalar(f"train/{k}", v, self.step * self.repeat)
                 if terminated or truncated:
                     self.episode += 1
-                    success = bool(info.get("success", False))
+                    success = episode_success(info, cfg.success_key)
                     recent.append((ep_return, success))
                     self.history["train"].append([self.step * self.repeat, ep_return, success])
                     writer.add_scalar("episode/return", ep_return, self.step * self.repeat)
                     writer.add_scalar("episode/success", float(success), self.step * self.repeat)
                     if self.step >= next_eval:
                         next_eval += cfg.eval_every
-                        rate, ret, _ = evaluate(self.agent, self.eval_env, cfg.eval_episodes)
+                        rate, ret, _ = evaluate(self.agent, self.eval_env, cfg.eval_episodes,
+                                                success_key=cfg.success_key)
                         self.history["eval"].append([self.step * self.repeat, ret, rate,
                                                      round(time.perf_counter() - t_start, 1)])
                         writer.add_scalar("eval/success", rate, self.step * self.repeat)
@@ -357,7 +372,9 @@ class Trainer:
                                     succ=float(np.mean([s for _, s in recent])))
         writer.close()
         final = self.save()
-        rate, ret, frames = evaluate(self.agent, self.eval_env, cfg.eval_episodes, record=cfg.video)
+        record = cfg.video and self.eval_env.render_mode == "rgb_array"  # an env_factory's env may not render
+        rate, ret, frames = evaluate(self.agent, self.eval_env, cfg.eval_episodes, record=record,
+                                     success_key=cfg.success_key)
         self.history["eval"].append([self.step * self.repeat, ret, rate, round(time.perf_counter() - t_start, 1)])
         ckpt_io.write_json(self.out / "history.json", self.history)
         result.update({"checkpoint": str(final), "env_steps": self.step * self.repeat, "final_success": rate,
@@ -404,8 +421,9 @@ def plot_learning_curve(history: dict, path: Path, cfg: TrainConfig) -> Path:
     return path
 
 
-def train(cfg: TrainConfig, resume: bool = False, console=None) -> dict:
-    trainer = Trainer(cfg, resume=resume, console=console)
+def train(cfg: TrainConfig, resume: bool = False, console=None,
+          env_factory: Callable[[], typing.Any] | None = None) -> dict:
+    trainer = Trainer(cfg, resume=resume, console=console, env_factory=env_factory)
     try:
         return trainer.run()
     except (NonFiniteLossError, TrainingDiverged) as err:
@@ -416,16 +434,36 @@ def train(cfg: TrainConfig, resume: bool = False, console=None) -> dict:
         trainer.close()
 
 
+def _saved_spaces(config: dict):
+    """A stand-in env with the spaces a checkpoint's networks were built for (no simulator needed),
+    or None for a checkpoint that does not record them."""
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from gymnasium import spaces
+
+    saved = config["agent_config"].get("observation_space")
+    if not saved or "action_shape" not in config:
+        return None
+    obs = OrderedDict()  # the saved order, as the networks were built (a plain dict would be sorted)
+    for key, spec in saved.items():
+        dtype = np.dtype(spec["dtype"])
+        low, high = (0, 255) if dtype == np.uint8 else (-np.inf, np.inf)
+        obs[key] = spaces.Box(low, high, tuple(spec["shape"]), dtype)
+    return SimpleNamespace(observation_space=spaces.Dict(obs), unwrapped=None,
+                           action_space=spaces.Box(-1.0, 1.0, tuple(config["action_shape"]), np.float32))
+
+
 def load_agent(path: str | Path, env=None):
-    """(agent, config) from a checkpoint; with env given, its id and spaces must match."""
+    """(agent, config) from a checkpoint; with env given, its id and spaces must match. Without one the
+    agent is built from the spaces the checkpoint records, so neither its env nor MuJoCo is needed."""
     ckpt, weights, config, _ = ckpt_io.load_checkpoint(path)
     if env is not None:
         expected = {"observation_space": {k: list(v.shape) for k, v in env.observation_space.spaces.items()},
                     "action_shape": list(env.action_space.shape)}
         ckpt_io.check_matches(config, expected, ckpt)
     if env is None:
-        from robolearn.sim import make
-        env = make(config["env_id"])
+        env = _saved_spaces(config) or make_env(config["env_id"])
     agent, _ = build_agent(config["agent"], env, {}, 0, config["agent_config"])
     try:
         agent.load_state_dict(weights)

@@ -73,5 +73,9 @@ def make(env_id: str, **kwargs) -> gym.Env:
         panda = ", ".join(panda_ids())
         raise UnknownEnvError(f"unknown env id {env_id!r}.{hint} Panda tasks: {panda}; "
                               f"dm_control tasks: robolearn/dmc-<domain>_<task>-v0 "
-                              f"({len(dmc.DMC_TASK_NAMES)} of them; `robolearn envs` lists all).")
-    return gym.make(env_id, **kwargs)
+                              f"({len(dmc.DMC_TASK_NAMES)} of them; `robolearn envs` lists all). Another "
+                              f"gymnasium env: register it first (--import-module PKG) or pass 'PKG:Id'.")
+    env = gym.make(env_id, **kwargs)
+    if env_id not in panda_ids():  # dm_control's suite has rewards, not success: no unreported-success warning
+        env.unwrapped.metadata = {**env.unwrapped.metadata, "reports_success": False}
+    return env

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROBOLEARN = [sys.executable, "-m", "robolearn.cli"]
@@ -36,6 +38,75 @@ def test_rollout_reports_success_and_writes_video(tmp_path):
     assert "success rate: 100.0%" in out
     frames = iio.imread(video)
     assert frames.ndim == 4 and frames.shape[0] > 5 and frames.shape[-1] == 3
+
+
+def test_rollout_random_policy_records_uniform_actions(tmp_path):
+    from robolearn.demos.dataset import Dataset
+
+    out = run("rollout", "--env", "robolearn/PandaReach-v0", "--policy", "random", "--episodes", "2",
+              "--record", str(tmp_path / "demos")).stdout
+    assert "success rate:" in out
+    actions = np.concatenate([ep["action"] for ep in Dataset(tmp_path / "demos")])
+    # Uniform in [-1, 1] (std 0.577 per dimension), not the expert's smooth, mostly saturated path.
+    assert len(actions) >= 100 and np.abs(actions).max() <= 1
+    assert np.all(np.abs(actions.mean(axis=0)) < 0.15) and np.all(np.abs(actions.std(axis=0) - 0.577) < 0.07)
+
+
+@pytest.fixture(scope="module")
+def drqv2_run(tmp_path_factory):
+    """A tiny DrQ-v2 run through the CLI on 32x32 cartpole (25-step episodes, updates from step 10)."""
+    from robolearn.cli import main
+
+    import torch
+    threads = torch.get_num_threads()
+    run_dir = tmp_path_factory.mktemp("drqv2") / "run"
+    try:
+        code = main(["train", "--agent", "drqv2", "--env", "robolearn/dmc-cartpole_swingup-v0", "--out", str(run_dir),
+                     "--frames", "200", "--checkpoint-every", "25", "--eval-every", "1000", "--eval-episodes", "1",
+                     "--no-video", "--threads", "1", "--env-set", "image_size=32", "--env-set", "time_limit=1.0",
+                     "--env-set", "action_repeat=4", "--set", "num_seed_frames=40", "--set", "batch_size=8",
+                     "--set", "hidden_dim=32", "--set", "feature_dim=16", "--set", "conv_channels=8",
+                     "--set", "conv_strides=[2,2,1,1]"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return run_dir
+
+
+def test_train_drqv2_through_the_cli(drqv2_run):
+    import robolearn.sim as rsim
+    from robolearn.checkpoint import load_checkpoint
+    from robolearn.train import evaluate, load_agent
+
+    result = json.loads((drqv2_run / "result.json").read_text())
+    assert result["env_steps"] == 200 and result["checkpoint"].endswith("step_000000000050")
+    _, weights, config, state = load_checkpoint(drqv2_run)
+    assert config["agent"] == "drqv2" and state["step"] == 50
+    # every 2nd agent step (update_every_steps) from step 10 (40 seed frames / 4) to 50: 10, 12, ..., 50
+    assert int(weights["counters/num_updates"]) == 21
+    env = rsim.make("robolearn/dmc-cartpole_swingup-v0", image_size=32, time_limit=1.0, action_repeat=4)
+    agent, _ = load_agent(drqv2_run, env)
+    assert np.isfinite(evaluate(agent, env, 1)[1])
+
+
+def test_eval_from_a_run_its_checkpoints_dir_and_a_step_dir(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert _main("train", "--agent", "serl", "--env", "robolearn/PandaReach-v0", "--out", str(run_dir),
+                 "--frames", "120", "--checkpoint-every", "50", "--eval-every", "1000", "--eval-episodes", "1",
+                 "--no-video", "--threads", "1", "--set", "hidden_dims=[16,16]", "--set", "batch_size=8") == 0
+    steps = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert len(steps) == 2
+    capsys.readouterr()
+    for where in (run_dir, run_dir / "checkpoints", *steps):
+        assert _main("eval", "--checkpoint", str(where), "--episodes", "1") == 0, where
+        out = capsys.readouterr().out
+        assert "serl on robolearn/PandaReach-v0: success" in out, (where, out)
+    assert _main("eval", "--checkpoint", str(tmp_path), "--episodes", "1") == 2  # no checkpoint there
+    _one_line_error(capsys, "no checkpoint")
+
+
+def test_eval_uses_the_env_options_the_run_was_trained_with(drqv2_run, capsys):
+    assert _main("eval", "--checkpoint", str(drqv2_run), "--episodes", "1") == 0
 
 
 def test_rollout_unknown_env_fails_cleanly():
@@ -88,6 +159,7 @@ def _one_line_error(capsys, named: str):
     (["--set", "lr=-0.1"], "lr"),
     (["--set", "gamma=2"], "gamma"),
     (["--set", "activation=bogus"], "activation"),
+    (["--set", "no_such_option=1"], "no_such_option"),  # an unknown field, named
     (["--env-set", "physics_dt=1"], "physics_dt"),
     (["--env-set", "control_hz=0"], "control_hz"),
 ])

@@ -529,3 +529,88 @@ def test_replay_names_a_bad_seed_or_attrs(reach, tmp_path, capsys, attrs, named)
     assert cli_main(["demos", "replay", str(path), "--episode", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "episode_000000.h5" in err and named in err, err
+
+
+def test_mcap_bag_written_by_rosbags_itself_imports(tmp_path):
+    """A bag written message by message with rosbags' own rosbag2 Writer (MCAP storage, no
+    compression, metadata version 9, Humble's message definitions), following the documented
+    topics (docs/formats.md): JointState and Image written by another hand than our export."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    ts = get_typestore(Stores.ROS2_HUMBLE)
+    T_ = ts.types
+    rng = np.random.default_rng(3)
+    H, W, T, fps = 6, 5, 4, 20
+    joints = [f"j{i}" for i in range(3)]
+    meta = {"format_version": 1, "env_id": "test/Small-v0", "fps": float(fps), "robot": "panda", "cameras": ["front"],
+            "observation": {"images/front": {"shape": [H, W, 3], "dtype": "uint8"},
+                            "state": {"shape": [2, 2], "dtype": "float32"}},
+            "action": {"shape": [2], "dtype": "float32", "low": [-1.0, -1.0], "high": [1.0, 1.0]},
+            "created": "2025-01-01T00:00:00Z", "robot_state": {"joint_names": joints}}
+    image = rng.integers(0, 256, (T + 1, H, W, 3), dtype=np.uint8)
+    state = rng.uniform(-1, 1, (T + 1, 2, 2)).astype(np.float32)
+    position, velocity = rng.normal(size=(T + 1, 3)), rng.normal(size=(T + 1, 3))
+    tool = np.concatenate([rng.normal(size=(T + 1, 3)), np.tile([[1.0, 0.0, 0.0, 0.0]], (T + 1, 1))], axis=1)
+    action = rng.uniform(-1, 1, (T, 2)).astype(np.float32)
+    reward = rng.normal(size=T).astype(np.float32)
+
+    def stamp(ns):
+        return T_["builtin_interfaces/msg/Time"](sec=ns // 10**9, nanosec=ns % 10**9)
+
+    def header(ns, frame=""):
+        return T_["std_msgs/msg/Header"](stamp=stamp(ns), frame_id=frame)
+
+    def floats(values, label):
+        dim = T_["std_msgs/msg/MultiArrayDimension"](label=label, size=len(values), stride=len(values))
+        return T_["std_msgs/msg/Float64MultiArray"](layout=T_["std_msgs/msg/MultiArrayLayout"](dim=[dim], data_offset=0),
+                                                    data=np.asarray(values, np.float64))
+
+    types = {"/robolearn/dataset": "std_msgs/msg/String", "/robolearn/episode": "std_msgs/msg/String",
+             "/robolearn/observation": "sensor_msgs/msg/JointState", "/joint_states": "sensor_msgs/msg/JointState",
+             "/tool_pose": "geometry_msgs/msg/PoseStamped", "/robolearn/robot": "std_msgs/msg/Float64MultiArray",
+             "/front/image_raw": "sensor_msgs/msg/Image", "/robolearn/action": "std_msgs/msg/Float64MultiArray",
+             "/robolearn/step": "std_msgs/msg/Float64MultiArray"}
+    t0, dt = 1_735_689_600 * 10**9, 10**9 // fps
+    with Writer(tmp_path / "bag", version=9, storage_plugin=StoragePlugin.MCAP) as bag:
+        conns = {topic: bag.add_connection(topic, msgtype, typestore=ts) for topic, msgtype in types.items()}
+
+        def write(topic, ns, msg):
+            bag.write(conns[topic], ns, ts.serialize_cdr(msg, types[topic]))
+
+        write("/robolearn/dataset", t0, T_["std_msgs/msg/String"](data=json.dumps(meta)))
+        write("/robolearn/episode", t0, T_["std_msgs/msg/String"](
+            data=json.dumps({"index": 0, "length": T, "attrs": {"seed": 7}})))
+        for t in range(T + 1):
+            ns = t0 + t * dt
+            if t > 0:
+                write("/robolearn/step", ns, floats([reward[t - 1], False, t == T, False, t == 2, 0.05 * t],
+                                                    "reward,terminated,truncated,success,intervention,timestamp"))
+            write("/robolearn/observation", ns, T_["sensor_msgs/msg/JointState"](
+                header=header(ns), name=[f"state/{i}" for i in range(4)], position=state[t].reshape(-1).astype(np.float64),
+                velocity=np.zeros(0), effort=np.zeros(0)))
+            write("/joint_states", ns, T_["sensor_msgs/msg/JointState"](
+                header=header(ns), name=joints, position=position[t], velocity=velocity[t], effort=np.zeros(0)))
+            x, y, z, qw, qx, qy, qz = tool[t]
+            write("/tool_pose", ns, T_["geometry_msgs/msg/PoseStamped"](header=header(ns, "base"),
+                  pose=T_["geometry_msgs/msg/Pose"](position=T_["geometry_msgs/msg/Point"](x=x, y=y, z=z),
+                                                    orientation=T_["geometry_msgs/msg/Quaternion"](x=qx, y=qy, z=qz, w=qw))))
+            write("/robolearn/robot", ns, floats([0.04, 0.05 * t], "gripper,stamp"))
+            write("/front/image_raw", ns, T_["sensor_msgs/msg/Image"](
+                header=header(ns, "front"), height=H, width=W, encoding="rgb8", is_bigendian=0, step=W * 3,
+                data=image[t].reshape(-1)))
+            if t < T:
+                write("/robolearn/action", ns, floats(action[t], "action"))
+
+    back, _ = import_dataset(tmp_path / "bag", "mcap", tmp_path / "back")
+    assert len(back) == 1 and back.joint_names == joints
+    ep = back.episode(0)
+    np.testing.assert_array_equal(ep["obs"]["images/front"], image)
+    np.testing.assert_array_equal(ep["obs"]["state"], state)
+    np.testing.assert_array_equal(ep["action"], action)
+    np.testing.assert_array_equal(ep["reward"], reward)
+    assert ep["truncated"].tolist() == [False, False, False, True] and ep["intervention"].tolist() == [0, 1, 0, 0]
+    np.testing.assert_array_equal(ep["robot"]["joint_position"], position)
+    np.testing.assert_array_equal(ep["robot"]["joint_velocity"], velocity)
+    np.testing.assert_array_equal(ep["robot"]["tool_pose"], tool)
+    assert back.episode_attrs(0)["seed"] == 7

@@ -45,7 +45,8 @@ def test_serl_from_states_lifts_the_cube_within_a_few_thousand_steps(tmp_path, o
     # Within 4k steps the greedy policy lifts the cube and still holds it up at the last step in
     # at least 2 of the 10 fixed evaluation episodes (seed 0 does so by ~2k steps).
     assert max(successes) >= 0.2, history["eval"]
-    assert result["env_steps"] <= 4_000
+    # ... and an evaluation inside the loop reached the target, which stopped the run early.
+    assert result["reached_target"] and result["env_steps"] < 4_000, (result, history["eval"])
 
 
 # DrQ-v2 through the same loop on a dm_control pixel task: cartpole swingup from 64x64 frames

@@ -140,7 +140,9 @@ def test_keyboard_in_a_real_terminal_records_labelled_episodes(keyboard_dataset)
     assert not (e1["action"][:, 1] < 0).any()  # the discarded try's "d" (-y) is not in the re-recording
     assert not e0["intervention"].any()
     gaps = np.diff(e0["timestamp"])
-    assert 0.07 < float(np.median(gaps)) < 0.2  # paced at the env's 10 Hz control rate
+    # Paced at the env's 10 Hz control rate: steps never come faster (a loaded machine only makes
+    # them slower, so there is no upper bound here), and their timestamps are in order.
+    assert (gaps > 0).all() and 0.07 < float(np.median(gaps))
     assert not list(out.glob(".*.partial"))
     # the terminal is back in cooked mode after quitting
     assert re.search(r"(?<!-)icanon", stty) and re.search(r"(?<![-\w])echo\b", stty), stty
@@ -222,14 +224,16 @@ def test_intervention_steps_are_flagged_and_taken_from_the_device(tmp_path):
     assert attrs["success"]  # the policy finished the task after the takeover
 
 
-def test_checkpoint_policy_in_intervention_mode(tmp_path):
+def test_checkpoint_policy_in_intervention_mode(tmp_path, request):
     import torch
 
     import robolearn.sim as rsim
     from robolearn import checkpoint
     from robolearn.train import build_agent
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     env = rsim.make("robolearn/PandaReach-v0")
     agent, _ = build_agent("serl", env, {}, seed=0)
     config = {"agent": "serl", "env_id": "robolearn/PandaReach-v0",

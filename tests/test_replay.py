@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import deque
 
 import gymnasium as gym
@@ -146,7 +145,7 @@ def test_bytes_per_transition_is_one_frame():
     assert frame_bytes <= per < 25_000
 
 
-def test_sample_batch_layout_and_speed():
+def test_sample_batch_layout():
     obs_space, act_space = spaces(3, size=84, state_dim=24, action_dim=6, cam="images/pixels")
     buf = ReplayBuffer(3000, obs_space, act_space, frame_stack=3, nstep=3, gamma=0.99, device="cpu")
     rng = np.random.default_rng(0)
@@ -167,14 +166,7 @@ def test_sample_batch_layout_and_speed():
         assert state.shape == (256, 24) and state.dtype == torch.float32
     assert batch["action"].shape == (256, 6) and batch["action"].dtype == torch.float32
     assert batch["reward"].shape == (256,) and batch["discount"].dtype == torch.float32
-    for _ in range(3):
-        buf.sample(256, rng)
-    t0 = time.perf_counter()
-    for _ in range(20):
-        buf.sample(256, rng)
-    ms = (time.perf_counter() - t0) / 20 * 1e3
-    print(f"\nsample(256) of 84x84x9 stacks: {ms:.2f} ms")
-    assert ms < 60  # a few ms on one core; generous for loaded CI machines
+    # Its speed (a few ms on one core) is bench/replay_sample.py's: no wall-clock threshold here.
 
 
 def test_a_held_batch_is_never_overwritten():

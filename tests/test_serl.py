@@ -238,11 +238,23 @@ def test_pixel_agent_trains_encoder_through_the_critic_only():
     agent.update(random_batch(space, 64), 0)
     assert all(not torch.equal(a, b) for a, b in zip(enc_before, agent.encoder.parameters()))
     assert agent.encoder.out_dim == 2 * 50 + 7
-    # The actor loss never reaches the encoder (its features are detached).
-    agent.critic_opt.zero_grad()
-    feat = agent.encoder(random_batch(space, 4)["obs"]).detach()
-    agent.actor.sample(feat)[1].sum().backward()
-    assert all(p.grad is None for p in agent.encoder.parameters())
+    # Within update, the actor loss reaches neither the encoder nor the critic: a leaf's hook fires
+    # once per backward that reaches it, so the encoder's and the critic's fire once per critic
+    # minibatch (utd_ratio of them) and the actor's once.
+    calls, seen = {"encoder": 0, "critic": 0, "actor": 0}, {}
+    for tag in calls:
+        for name, p in getattr(agent, tag).named_parameters():
+            def hook(g, tag=tag, name=name):
+                calls[tag] += 1
+                seen[(tag, name)] = g.clone()
+            p.register_hook(hook)
+    sizes = {tag: len(list(getattr(agent, tag).parameters())) for tag in calls}
+    agent.update(random_batch(space, 64, seed=1), 1)
+    utd = agent.cfg.utd_ratio
+    assert calls == {"encoder": utd * sizes["encoder"], "critic": utd * sizes["critic"], "actor": sizes["actor"]}
+    # ... and the actor step left the encoder's gradient from the last critic loss as it was.
+    for name, p in agent.encoder.named_parameters():
+        assert torch.equal(p.grad, seen[("encoder", name)]) and p.grad.abs().sum() > 0
 
 
 def test_frozen_encoder_loads_safetensors_and_pt(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 TINY = ["--set", "batch_size=16", "--set", "utd_ratio=2", "--set", "hidden_dims=[32,32]", "--set", "num_critics=4",
         "--threads", "1", "--no-video", "--eval-episodes", "2"]
@@ -176,3 +177,98 @@ def test_set_on_resume_is_applied_where_safe_refused_otherwise_and_repairs_a_sav
     saved = json.loads((run / "checkpoints" / "step_000000000200" / "config.json").read_text())
     assert saved["agent_config"]["config"]["batch_size"] == 8
     assert saved["agent_config"]["config"]["hidden_dims"] == [32, 32]
+
+
+# -- exact resume ---------------------------------------------------------------------------------
+# A run killed after learning has begun and resumed must end where the uninterrupted run ends:
+# every tensor of the agent (networks, targets, optimizer moments, temperature, its generators and
+# counters), torch's RNG, the loop's counters, numpy RNG and history, and the replay contents.
+# Run A trains to step N with a checkpoint at step K; run B is what a kill -9 between K and the
+# next checkpoint leaves on disk (A's step-K checkpoint alone), resumed to N.
+EXACT = {  # agent: (K, N, TrainConfig fields); K and N fall on episode ends
+    "serl": (100, 200, dict(env="robolearn/PandaReach-v0", frames=200, seed_steps=40,
+                            env_kwargs={"terminate_on_success": False, "max_episode_steps": 50},
+                            agent_overrides={"batch_size": 16, "utd_ratio": 2, "hidden_dims": [32, 32],
+                                             "num_critics": 2})),
+    "drqv2": (50, 100, dict(env="robolearn/dmc-cartpole_swingup-v0", frames=400, seed_steps=15,  # 4 frames a step
+                            env_kwargs={"image_size": 32, "action_repeat": 4, "time_limit": 1.0},  # 25-step episodes
+                            agent_overrides={"batch_size": 16, "hidden_dim": 32, "feature_dim": 16,
+                                             "conv_channels": 8, "conv_strides": [2, 2, 1, 1],
+                                             "update_every_steps": 1})),
+}
+
+
+@pytest.fixture()
+def deterministic_torch():
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_num_threads(threads)
+
+
+def _h5_contents(path: Path) -> dict:
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            out.update({f"{name}@{k}": v for k, v in obj.attrs.items()})
+            if isinstance(obj, h5py.Dataset):
+                out[name] = obj[()]
+        out.update({f"@{k}": v for k, v in f.attrs.items()})
+        f.visititems(visit)
+    return out
+
+
+@pytest.mark.parametrize("agent", ["serl", "drqv2"])
+def test_resume_after_learning_began_matches_the_uninterrupted_run_exactly(tmp_path, agent, deterministic_torch):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from robolearn.train import TrainConfig, Trainer
+
+    K, N, fields = EXACT[agent]
+
+    def config(out: Path) -> TrainConfig:
+        return TrainConfig(agent=agent, out=str(out), checkpoint_every=K, eval_every=10**6, eval_episodes=1,
+                           video=False, **fields)
+
+    def run(cfg: TrainConfig, resume: bool) -> int:
+        trainer = Trainer(cfg, resume=resume)
+        env_steps, step = [0], trainer.env.step
+        trainer.env.step = lambda action: (env_steps.__setitem__(0, env_steps[0] + 1), step(action))[1]
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+        return env_steps[0]
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(config(a), resume=False) == N
+    at_k, at_n = (f"step_{s:012d}" for s in (K, N))
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(a / "checkpoints" / at_k, b / "checkpoints" / at_k)
+    (b / "checkpoints" / "latest.json").write_text(json.dumps({"path": at_k, "step": K}))
+    saved = load_file(str(b / "checkpoints" / at_k / "weights.safetensors"))
+    updates = saved["counters/critic_updates" if agent == "serl" else "counters/num_updates"]
+    assert int(updates) >= 20  # learning had begun when the run was "killed"
+
+    assert run(config(b), resume=True) == N - K  # continued from K, not restarted
+    ckpt_a, ckpt_b = a / "checkpoints" / at_n, b / "checkpoints" / at_n
+    for name in ("weights.safetensors", "rng.safetensors"):
+        ta, tb = load_file(str(ckpt_a / name)), load_file(str(ckpt_b / name))
+        assert ta.keys() == tb.keys(), name
+        differ = [k for k in ta if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k])]
+        assert not differ, f"{name}: {differ[:10]}"
+        if name == "weights.safetensors":
+            moved = [k for k in ta if k in saved and not torch.equal(ta[k], saved[k])]
+            assert any(k.startswith("optim/") for k in moved) and len(moved) > len(ta) // 2  # it learned after K
+    state_a, state_b = (json.loads((c / "state.json").read_text()) for c in (ckpt_a, ckpt_b))
+    assert state_a == state_b and state_a["step"] == N
+    replay_a, replay_b = _h5_contents(ckpt_a / "replay.h5"), _h5_contents(ckpt_b / "replay.h5")
+    assert replay_a.keys() == replay_b.keys() and len(replay_a) > 5
+    for key in replay_a:
+        assert np.array_equal(np.asarray(replay_a[key]), np.asarray(replay_b[key])), key

@@ -1,0 +1,166 @@
+"""Control-loop timing of agent_node against sim_robot_node over DDS, at 10 Hz and at 50 Hz.
+
+Per rate: a SERL state-policy checkpoint for PandaPickCube (built, untrained, and saved by
+robolearn.train's Trainer.save as training saves one, with the rate in env_kwargs so the node's
+fit check sees it); sim_robot_node and agent_node as separate processes in their own loopback DDS
+domain; this process listens to the node's debug topic `/agent/timing` (publish_timing:=true).
+
+For every tick that sends a command the node reports: the interval since the previous tick (jitter
+= |interval - period|), the tick's compute time, the latency from the header stamp of the
+joint_states its observation used to the publish of the command (on the node's clock: wall time,
+as the simulator stamps without use_sim_time), and the same measured from that message's receipt.
+`missed_deadlines` is the node's own count over the window. The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from robolearn.cpu import busy_cores
+
+ENV_ID = "robolearn/PandaPickCube-v0"
+AGENT = "/agent: control"  # the agent node's diagnostics status
+GOAL = {"jitter_p99_ms": 2.0, "missed_deadlines_10hz": 0, "latency_p99_ms": 15.0}
+
+
+def make_checkpoint(root: Path, hz: float) -> str:
+    """An untrained SERL agent for PickCube at `hz`, saved exactly as `robolearn train` saves one."""
+    from robolearn.train import TrainConfig, Trainer
+    trainer = Trainer(TrainConfig(agent="serl", env=ENV_ID, frames=1, out=str(root / f"{hz:g}hz"), replay_capacity=100,
+                                  save_replay=False, video=False, env_kwargs={"control_hz": hz}))
+    try:
+        return str(trainer.save())
+    finally:
+        trainer.close()
+
+
+def start(module: str, env: dict, log: Path, *params: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", module, "--ros-args"] + [a for p in params for a in ("-p", p)]
+    return subprocess.Popen(args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 where /proc is missing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def listen(domain: int, seconds: float, warmup: float, procs) -> tuple[np.ndarray, float, dict, dict, list]:
+    """Timing rows of `seconds` after `warmup` s of ticks, the node's missed-deadline count before them,
+    the diagnostics at the start and the end of the window, and each process's CPU share in it."""
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.context import Context
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from std_msgs.msg import Float64MultiArray
+
+    context = Context()
+    rclpy.init(context=context, domain_id=domain)
+    node = rclpy.create_node("control_loop_bench", context=context)
+    rows, diag = [], {}
+    node.create_subscription(Float64MultiArray, "/agent/timing", lambda m: rows.append(list(m.data)),
+                             QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE))
+    node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: diag.update(
+        {s.name: {kv.key: kv.value for kv in s.values} for s in m.status}), 50)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 180
+        while not rows:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError("agent_node sent no command; see the logs")
+            time.sleep(0.1)
+        time.sleep(warmup)
+        first, missed_before, diag_start = len(rows), rows[-1][4], dict(diag)
+        cpu0 = [cpu_seconds(p.pid) for p in procs]
+        time.sleep(seconds)
+        cpu = [round((cpu_seconds(p.pid) - c) / seconds, 3) for p, c in zip(procs, cpu0)]
+        return np.array(rows[first:]), missed_before, diag_start, dict(diag), cpu
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+def run_rate(hz: float, seconds: float, state_hz: float, checkpoint: str, logs: Path, save_rows: bool) -> dict:
+    from robolearn.ros.common import isolated_env
+    env = {**isolated_env(), "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}  # a shared machine
+    os.environ.update({k: v for k, v in env.items() if k.startswith("ROS_")})  # this process listens on loopback too
+    sim = start("robolearn.ros.sim_robot_node", env, logs / f"sim_{hz:g}hz.log", f"env_id:={ENV_ID}",
+                f"publish_rate_hz:={state_hz}")
+    agent = start("robolearn.ros.agent_node", env, logs / f"agent_{hz:g}hz.log", f"checkpoint:={checkpoint}",
+                  f"control_hz:={hz}", "publish_timing:=true")
+    try:
+        rows, missed_before, d0, d1, cpu = listen(int(env["ROS_DOMAIN_ID"]), seconds, 2.0, (sim, agent))
+    finally:
+        codes = stop(agent), stop(sim)
+    period = 1.0 / hz
+    if save_rows:  # columns: interval, compute, latency, receipt latency (s), missed deadlines, tick start
+        np.save(logs / f"timing_{hz:g}hz.npy", rows)
+    interval, compute, latency, receipt = (rows[:, i] for i in range(4))
+    jitter = np.abs(interval[np.isfinite(interval)] - period) * 1e3
+    pct = lambda x, q: round(float(np.percentile(x, q)), 3)  # noqa: E731
+    delta = lambda key: int(d1.get(AGENT, {}).get(key, 0)) - int(d0.get(AGENT, {}).get(key, 0))  # noqa: E731
+    return {"period_ms": period * 1e3, "jitter_p50_ms": pct(jitter, 50), "jitter_p99_ms": pct(jitter, 99),
+            "jitter_max_ms": round(float(jitter.max()), 3), "missed_deadlines": int(rows[-1, 4] - missed_before),
+            "latency_p50_ms": pct(latency * 1e3, 50), "latency_p99_ms": pct(latency * 1e3, 99),
+            "receipt_to_command_p50_ms": pct(receipt * 1e3, 50), "receipt_to_command_p99_ms": pct(receipt * 1e3, 99),
+            "compute_p50_ms": pct(compute * 1e3, 50), "compute_p99_ms": pct(compute * 1e3, 99),
+            "commanded_ticks": len(rows), "expected_ticks": int(seconds * hz), "stale_holds": delta("stale"),
+            "episodes": delta("episodes"), "cpu_cores": {"sim": cpu[0], "agent": cpu[1]},
+            "sim_real_time_factor": float(d1.get("sim_robot: physics", {}).get("real_time_factor", "nan")),
+            "exit_codes": {"agent": codes[0], "sim": codes[1]}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="measured window per rate")
+    parser.add_argument("--rates", type=float, nargs="+", default=[10.0, 50.0], help="control rates, Hz")
+    parser.add_argument("--state-hz", type=float, default=100.0, help="sim_robot_node publish_rate_hz")
+    parser.add_argument("--logs", type=Path, default=None, help="keep the nodes' logs and the timing rows "
+                        "(timing_<rate>hz.npy) here")
+    args = parser.parse_args()
+    busy = busy_cores(1.0)
+    with tempfile.TemporaryDirectory(prefix="control_loop_") as tmp:
+        logs = args.logs or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
+        result = {"robot": "sim_robot_node", "env_id": ENV_ID, "state_hz": args.state_hz, "seconds": args.seconds,
+                  "busy_cores_before": None if busy is None else round(busy, 2),
+                  "load_avg_1min": round(os.getloadavg()[0], 2), "goal": GOAL}
+        for hz in args.rates:
+            checkpoint = make_checkpoint(Path(tmp), hz)
+            print(f"{hz:g} Hz: measuring {args.seconds:g} s (logs in {logs})", flush=True)
+            result[f"{hz:g}hz"] = r = run_rate(hz, args.seconds, args.state_hz, checkpoint, logs, args.logs is not None)
+            print(f"{hz:g} Hz: jitter p99 {r['jitter_p99_ms']} ms, max {r['jitter_max_ms']} ms, missed "
+                  f"{r['missed_deadlines']}, latency p99 {r['latency_p99_ms']} ms", flush=True)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,450 @@
+"""The policy node: a trained agent acting on a robot (or the simulator) through ROS 2 topics.
+
+A lifecycle node: configure loads the checkpoint onto the ROS RobotEnv and checks it fits;
+activate starts a fixed-rate control timer; deactivate, cleanup and shutdown hold the arm.
+Parameters and topics: docs/ros.md ("agent_node"). Run: python -m robolearn.ros.agent_node --ros-args ...
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
+from rclpy.duration import Duration
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from rclpy.signals import SignalHandlerOptions
+from std_msgs.msg import Bool, Float64MultiArray, Header
+from std_srvs.srv import Trigger
+
+from robolearn.controllers.safety import SafetyConfig
+from robolearn.robot.env import RobotEnv, RobotEnvConfig
+from robolearn.robot.interfaces import StaleStateError
+from robolearn.ros import common
+from robolearn.ros.ros_backend import RosArm, RosCamera, RosReset, RosTask, wait_until
+
+SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
+ENV_FIELDS = ("control_hz", "max_episode_steps", "action_mode", "action_scale", "rotation_scale", "tool_quat",
+              "reward_type", "terminate_on_success")
+SAFETY_FIELDS = ("workspace_low", "workspace_high", "max_translation_step", "max_rotation_step",
+                 "workspace_recovery_gain")
+_FIELDS = {**{f: getattr(RobotEnvConfig(), f) for f in ENV_FIELDS}, **{f: getattr(SafetyConfig(), f) for f in SAFETY_FIELDS}}
+PARAMS = {  # name: (default, description); docs/ros.md lists them
+    "checkpoint": ("", "policy checkpoint: a run dir, its checkpoints/ dir or a step dir"),
+    **{f: (list(v) if isinstance(v, tuple) else v, f"{'SafetyConfig' if f in SAFETY_FIELDS else 'RobotEnvConfig'}"
+           f".{f}; must match the checkpoint") for f, v in _FIELDS.items()},
+    "max_obs_age": (0.0, "s; an older state or object state holds the arm (0: two control periods)"),
+    "max_image_age": (0.0, "s; an older camera frame holds the arm (0: max_obs_age)"),
+    "cameras": ([], "camera names; frames come from <name>/image_raw"),
+    "image_shape": ([], "[H, W] of the camera frames (empty: the checkpoint's)"),
+    "uses_gripper": (True, "the task has a gripper action (the last action entry)"),
+    "episodes": (0, "run this many episodes, print the success line and exit 0 (0: until stopped)"),
+    "seed": (0, "episode k resets with env seed seed + k"),
+    "autostart": (True, "configure and activate at startup (no lifecycle manager needed)"),
+    "startup_timeout": (30.0, "s to wait at configure for the first robot state"),
+    "reset_timeout": (30.0, "s to wait for the reset service and the state after it"),
+    "torch_threads": (0, "torch threads (0: 1 for a state policy, the idle cores up to 4 with cameras)"),
+    "publish_timing": (False, "publish ~/timing per tick: interval, compute, latency, receipt latency, missed"),
+    "frame_id": (common.BASE_FRAME, "frame of current_pose and of the commands"),
+    "joint_names": (list(common.PANDA_JOINTS), "arm joints read from joint_states"),
+    "finger_joints": (list(common.PANDA_FINGER_JOINTS), "gripper joints; their positions sum to the opening"),
+    "gripper_max_opening": (common.GRIPPER_MAX_OPENING, "m; gripper action -1 opens this far, +1 closes"),
+    "joint_states_topic": (common.JOINT_STATES, "sensor_msgs/JointState in (reliable)"),
+    "pose_topic": (common.TOOL_POSE, "geometry_msgs/PoseStamped in (best effort)"),
+    "twist_topic": (common.TOOL_TWIST, "geometry_msgs/TwistStamped in (best effort)"),
+    "equilibrium_pose_topic": (common.EQUILIBRIUM_POSE, "geometry_msgs/PoseStamped out"),
+    "gripper_topic": (common.GRIPPER_COMMANDS, "std_msgs/Float64MultiArray out: [opening m]"),
+    "object_state_topic": (common.OBJECT_STATE, "std_msgs/Float64MultiArray in (policies without cameras)"),
+    "reward_topic": (common.REWARD, "std_msgs/Float64 in"),
+    "success_topic": (common.SUCCESS, "std_msgs/Bool in"),
+    "reset_service": (common.RESET_SERVICE, "std_srvs/Trigger called at each episode start"),
+    "estop_topic": (common.ESTOP, "std_msgs/Bool; True latches the e-stop until ~/reset_estop"),
+}
+STRINGS = ("cameras", "joint_names", "finger_joints")
+WARN_HOLDS, ERROR_HOLDS = ("stale", "deadline"), ("estop", "action", "reset", "error")  # other holds: transitions
+
+
+def _coerce(name: str, value, default):
+    """A parameter value as its default's type (dynamic typing lets `action_scale:=1` through)."""
+    try:
+        if isinstance(default, (bool, str)):
+            if type(value) is not type(default):
+                raise TypeError
+            return value
+        if isinstance(default, (int, float)):
+            return type(default)(value)
+        return [str(v) if name in STRINGS else float(v) for v in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"parameter {name}: {value!r} is not a {type(default).__name__}") from None
+
+
+def _same(a, b) -> bool:
+    try:
+        a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+        return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-9, atol=1e-12))
+    except (TypeError, ValueError):
+        return a == b
+
+
+def checkpoint_mismatches(config: dict, env: RobotEnv) -> list[str]:
+    """Every field where a checkpoint's config.json disagrees with the robot env: spaces and env settings."""
+    ckpt, ours = config.get("observation_space", {}), {k: list(v.shape) for k, v in env.observation_space.spaces.items()}
+    out = [f"observation_space[{k!r}]: checkpoint {ckpt.get(k)}, robot {ours.get(k)}"
+           for k in sorted(set(ckpt) | set(ours)) if ckpt.get(k) != ours.get(k)]
+    if config.get("action_shape") != list(env.action_space.shape):
+        out.append(f"action_shape: checkpoint {config.get('action_shape')}, robot {list(env.action_space.shape)}")
+    recorded = {}  # env_kwargs as `robolearn train` records them; env_config where a checkpoint has the whole config
+    for src in ((config.get("train_config") or {}).get("env_kwargs"), config.get("env_kwargs"), config.get("env_config")):
+        for k, v in (src or {}).items():
+            recorded.update(v if k == "safety" and isinstance(v, dict) else {k: v})
+    node = {**{f: getattr(env.cfg, f) for f in ENV_FIELDS}, **{f: getattr(env.cfg.safety, f) for f in SAFETY_FIELDS}}
+    return out + [f"{k}: checkpoint {v!r}, node parameter {node[k]!r}" for k, v in recorded.items()
+                  if k in node and not _same(v, node[k])]
+
+
+def _unready(read) -> str:
+    try:
+        read()
+        return ""
+    except StaleStateError as err:
+        return str(err)
+
+
+class AgentNode(LifecycleNode):
+    """Acts with a checkpoint's policy on the ROS robot env at `control_hz`; see the module docstring."""
+
+    def __init__(self, **kwargs):
+        super().__init__("agent", **kwargs)
+        for name, (default, text) in PARAMS.items():
+            self.declare_parameter(name, default, ParameterDescriptor(description=text, dynamic_typing=True))
+        self._read_parameters()
+        self.env = self.agent = self._control_timers = None
+        self._parts, self._need_reset, self._return = [], True, 0.0
+        self.finished = threading.Event()  # set when `episodes` are done or a signal arrives
+        self.exit_code, self.summary, self.lifecycle, self.error = 0, "", "unconfigured", ""
+        self.episodes = self.successes = self.steps = self.missed_deadlines = self.stale = self.bad_actions = 0
+        self._lock = threading.Lock()  # orders policy commands against holds (e-stop, watchdog, transitions)
+        self._ticking = threading.Lock()  # held while a tick runs
+        self._active = self._estop = False
+        self._held, self._held_msg, self._tick_start, self._last_tick, self._reported = None, "", None, None, 0
+        self._io = ReentrantCallbackGroup()  # subscriptions, services, the reset client
+        self._steady = Clock(clock_type=ClockType.STEADY_TIME)  # the loop keeps wall time, also under sim time
+        self.diag_pub = self.create_publisher(DiagnosticArray, common.DIAGNOSTICS, 10)
+        self.timing_pub = self.create_publisher(Float64MultiArray, "~/timing", 100)
+        self.create_subscription(Bool, self.p["estop_topic"], self._on_estop, common.RELIABLE_QOS, callback_group=self._io)
+        self.create_service(Trigger, "~/reset_estop", self._on_reset_estop, callback_group=self._io)
+        self.create_timer(1.0, self._diagnostics, MutuallyExclusiveCallbackGroup(), clock=self._steady)
+
+    def _read_parameters(self) -> None:
+        """At startup and at each configure, so parameters set while unconfigured take effect."""
+        self.p = {name: _coerce(name, self.get_parameter(name).value, d) for name, (d, _) in PARAMS.items()}
+        self.period = 1.0 / self.p["control_hz"]
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def on_configure(self, state) -> TransitionCallbackReturn:
+        try:
+            self._configure()
+        except Exception as err:  # any cause: stay unconfigured and say why
+            self.error = f"configure refused: {err}"
+            self.get_logger().error(self.error)
+            self._release()
+            self._diagnostics()
+            return FAILURE
+        self.lifecycle, self.error = "inactive", ""
+        self.get_logger().info(f"configured: {self.p['checkpoint']} at {self.p['control_hz']:g} Hz")
+        return SUCCESS
+
+    def _configure(self) -> None:
+        from robolearn.checkpoint import read_config
+        from robolearn.train import load_agent
+        self._read_parameters()
+        p = self.p
+        config = read_config(p["checkpoint"])
+        tup = lambda f: tuple(p[f]) if isinstance(p[f], list) else p[f]  # noqa: E731
+        cfg = RobotEnvConfig(**{f: tup(f) for f in ENV_FIELDS}, safety=SafetyConfig(**{f: tup(f) for f in SAFETY_FIELDS}))
+        age = p["max_obs_age"] or 2.0 * self.period
+        arm = RosArm(self, cfg.control_hz, cfg.safety, age, p["joint_names"], p["finger_joints"], p["frame_id"],
+                     p["gripper_max_opening"], p["joint_states_topic"], p["pose_topic"], p["twist_topic"],
+                     p["equilibrium_pose_topic"], p["gripper_topic"], callback_group=self._io)
+        task = RosTask(self, p["uses_gripper"], age, p["object_state_topic"], p["reward_topic"], p["success_topic"],
+                       callback_group=self._io)
+        self._parts, cameras = [arm, task], {}
+        for cam in p["cameras"]:
+            shape = [*map(int, p["image_shape"]), 3] if p["image_shape"] else None
+            shape = shape or config.get("observation_space", {}).get(f"images/{cam}")
+            if not shape:
+                raise ValueError(f"camera {cam!r} is not in the checkpoint's observation space; set image_shape")
+            cameras[cam] = RosCamera(self, cam, shape, p["max_image_age"] or age, callback_group=self._io)
+            self._parts.append(cameras[cam])
+        resetter = RosReset(self, arm, None if cameras else task, p["reset_service"], p["reset_timeout"], self._io)
+        self._parts.append(resetter)
+        reads = [arm.read, *(c.read for c in cameras.values())] + ([] if cameras else [lambda: task.object_state(arm)])
+        if not wait_until(self, lambda: not any(map(_unready, reads)), p["startup_timeout"]):
+            raise TimeoutError(f"no robot state within startup_timeout {p['startup_timeout']:g} s: "
+                               + "; ".join(filter(None, map(_unready, reads))))
+        env = RobotEnv(arm, task, resetter, cfg, cameras, env_id=self.get_fully_qualified_name())
+        bad = checkpoint_mismatches(config, env)
+        if bad:
+            raise ValueError(f"checkpoint {p['checkpoint']} does not fit this robot: " + "; ".join(bad))
+        self._torch_threads(bool(cameras))
+        self.agent, _ = load_agent(p["checkpoint"], env)
+        self.env = env
+        gc.collect()
+        gc.freeze()  # the ~190k objects alive now (torch, rclpy, the agent) are never scanned again: a full
+        # collection over them took 150-175 ms here, a stalled tick every few seconds
+
+    def _torch_threads(self, pixels: bool) -> None:
+        import torch
+        n = self.p["torch_threads"]
+        if n <= 0 and pixels:  # a conv encoder can use the cores others leave idle
+            from robolearn.cpu import busy_cores
+            n = min(4, round((os.cpu_count() or 1) - (busy_cores(0.2) or 0.0)))
+        torch.set_num_threads(max(1, n))  # an MLP's matmuls are too small to share: more threads only add wake-ups
+
+    def on_activate(self, state) -> TransitionCallbackReturn:
+        with self._lock:
+            self._active, self._held, self._need_reset, self._last_tick = True, None, True, None
+        self._control_timers = [  # ticks one at a time, in groups apart from the subscriptions'
+            self.create_timer(self.period, self._tick, MutuallyExclusiveCallbackGroup(), clock=self._steady),
+            self.create_timer(self.period, self._watchdog, MutuallyExclusiveCallbackGroup(), clock=self._steady)]
+        self.lifecycle = "active"
+        return SUCCESS
+
+    def on_deactivate(self, state) -> TransitionCallbackReturn:
+        return self._stop("deactivated", "inactive")
+
+    def on_cleanup(self, state) -> TransitionCallbackReturn:
+        return self._stop("cleanup", "unconfigured", release=True)
+
+    def on_shutdown(self, state) -> TransitionCallbackReturn:
+        return self._stop("shutdown", "finalized", release=True)
+
+    on_error = on_cleanup
+
+    def _stop(self, why: str, lifecycle: str | None = None, release: bool = False) -> TransitionCallbackReturn:
+        """Hold (where the node was acting), stop the timers, and with `release` let the arm's parts go."""
+        with self._lock:
+            if self.env is not None and self._active:  # an inactive node has held already, or never acted
+                self._hold(why, why)
+            self._active = False
+        for timer in self._control_timers or ():
+            self.destroy_timer(timer)
+        self._control_timers = None
+        if release and self._ticking.acquire(timeout=self.p["reset_timeout"] + 1.0):
+            self._ticking.release()  # no tick runs now, nor will one start: the timers are gone
+        if release and self.env is not None:  # give the hold time to reach the robot before its publisher goes
+            self.env.arm.pose_pub.wait_for_all_acked(Duration(seconds=0.5))
+        if release:
+            self._release()
+        self.lifecycle = lifecycle or self.lifecycle
+        return SUCCESS
+
+    def _release(self) -> None:
+        for part in self._parts:
+            part.close()
+        self._parts, self.env, self.agent = [], None, None
+
+    # -- control -----------------------------------------------------------------------------
+    def _tick(self) -> None:
+        start = time.monotonic()
+        interval = start - self._last_tick if self._last_tick is not None else math.nan
+        self._last_tick = start
+        with self._ticking:  # a cleanup waits for a running tick before it releases the parts
+            with self._lock:
+                if not self._active or self._estop or self.env is None:
+                    return
+            try:
+                if self._need_reset:
+                    return self._start_episode()
+                self._tick_start = start
+                latency = self._step(start)
+            except Exception as err:  # whatever broke, the arm stays put and the node stays up
+                with self._lock:
+                    return self._hold("error", f"tick failed: {err!r}", error=True)
+            finally:
+                self._tick_start = None
+        if self.p["publish_timing"] and latency is not None:
+            self.timing_pub.publish(Float64MultiArray(data=[interval, time.monotonic() - start, *latency,
+                                                            float(self.missed_deadlines), start]))
+
+    def _start_episode(self) -> None:
+        seed = self.p["seed"] + self.episodes
+        try:
+            self.env.reset(seed=seed)
+        except (StaleStateError, TimeoutError, RuntimeError) as err:
+            with self._lock:
+                self._hold("reset", f"reset failed (retrying): {err}")
+            time.sleep(min(1.0, 10 * self.period))  # a service that fails fast is not hammered
+            return
+        self._need_reset, self.steps, self._return = False, 0, 0.0
+        self.get_logger().info(f"episode {self.episodes}: reset with seed {seed}")
+        if self._control_timers:  # restart the period grid after the blocking reset
+            self._control_timers[0].reset()
+        self._last_tick = time.monotonic()
+
+    def _step(self, start: float) -> tuple[float, float] | None:
+        """Observe, act, command; returns (observation-to-command latency, receipt-to-command) when commanded."""
+        env = self.env
+        try:
+            obs = env.observe()
+        except StaleStateError as err:
+            with self._lock:
+                return self._stale(err)
+        stamp, receipt = env.state.stamp, env.arm.joint_receipt  # of the joint_states this observation used
+        if self.steps:  # the score now measures the previous action, as env.step's does
+            reward, success = env.task.score(env.arm)
+            self._return += float(success) if env.cfg.reward_type == "sparse" else reward
+            if (success and env.cfg.terminate_on_success) or self.steps >= env.cfg.max_episode_steps:
+                return self._end_episode(success)
+        import torch
+        with torch.inference_mode():
+            action = self.agent.act(obs, explore=False)
+        with self._lock:
+            elapsed = time.monotonic() - start
+            if not self._active or self._estop:
+                return None
+            if elapsed > self.period:  # a late action is for a state that has gone
+                self.missed_deadlines += 1
+                return self._hold("deadline", f"deadline: the policy took {elapsed * 1e3:.1f} ms of a "
+                                              f"{self.period * 1e3:.1f} ms period")
+            try:
+                env.apply(action)
+            except StaleStateError as err:
+                return self._stale(err)
+            except ValueError as err:  # UnsafeCommandError names the NaN's index
+                self.bad_actions += 1
+                return self._hold("action", f"rejected action: {err}", error=True)
+            sent, now, self._held = time.monotonic(), self.get_clock().now().nanoseconds * 1e-9, None
+        self.steps += 1
+        return now - stamp, sent - receipt
+
+    def _end_episode(self, success: bool) -> None:
+        self.episodes, self.successes = self.episodes + 1, self.successes + bool(success)
+        self.get_logger().info(f"episode {self.episodes - 1}: {'success' if success else 'failure'} after "
+                               f"{self.steps} steps, return {self._return:.2f}; success {self.successes}/{self.episodes}")
+        self._diagnostics()
+        n = self.p["episodes"]
+        if n and self.episodes >= n:
+            self.summary = f"deploy: {n} episodes, success {self.successes}/{n} ({100.0 * self.successes / n:.0f}%)"
+            self._stop("episodes done")
+            self.finished.set()
+        else:
+            self._need_reset, self._tick_start = True, None  # the watchdog does not time resets
+            self._start_episode()
+
+    def _watchdog(self) -> None:
+        """Holds while a tick overruns its period: a policy that hangs cannot hold the arm itself."""
+        with self._lock:
+            t = self._tick_start
+            if self._active and not self._estop and t is not None and time.monotonic() - t > self.period:
+                self._hold("deadline", f"deadline: tick running for {(time.monotonic() - t) * 1e3:.0f} ms")
+
+    def _stale(self, err: StaleStateError) -> None:
+        self.stale += self._held != "stale"  # spells, not ticks
+        self._hold("stale", f"stale: {err}")
+
+    def _hold(self, key: str, msg: str, error: bool = False) -> None:
+        """Command the measured pose once per cause (the caller holds the lock): the arm stays put."""
+        if self._held == key:
+            return
+        self._held, self._held_msg = key, msg
+        pose = self.env.arm.hold() if self.env is not None else None
+        text = f"holding ({msg})" + ("" if pose is not None else ": no pose received to hold")
+        if error:  # rclpy's logger wants one severity per call site
+            self.get_logger().error(text)
+        else:
+            self.get_logger().warning(text)
+        self._diagnostics()
+
+    # -- safety inputs and status ------------------------------------------------------------
+    def _on_estop(self, msg: Bool) -> None:
+        if not msg.data:  # only an operator's ~/reset_estop releases the latch
+            return
+        with self._lock:
+            if not self._estop:
+                self._estop = True
+                self._hold("estop", "e-stop latched; call ~/reset_estop to resume", error=True)
+
+    def _on_reset_estop(self, request, response):
+        with self._lock:
+            response.success, response.message = True, "e-stop released" if self._estop else "e-stop was not latched"
+            self._estop, self._held = False, None
+        self.get_logger().warning(response.message)
+        self._diagnostics()
+        return response
+
+    def _diagnostics(self) -> None:
+        parts = [p for p in self._parts if hasattr(p, "rejected")]
+        rejected = sum(p.rejected for p in parts)
+        last = max(parts, key=lambda p: p.last_error_at).last_error if parts else ""
+        if self._estop or (self._held in ERROR_HOLDS and not self.error):
+            level, msg = DiagnosticStatus.ERROR, self._held_msg
+        elif self.error:
+            level, msg = DiagnosticStatus.ERROR, self.error
+        elif self._held in WARN_HOLDS:
+            level, msg = DiagnosticStatus.WARN, self._held_msg
+        elif rejected > self._reported:
+            level, msg = DiagnosticStatus.WARN, f"rejected {rejected} messages; last: {last}"
+        else:
+            level, msg = DiagnosticStatus.OK, "acting" if self._active else self.lifecycle
+        self._reported = rejected
+        values = dict(lifecycle=self.lifecycle, estop=self._estop, held=self._held or "", episodes=self.episodes,
+                      successes=self.successes, steps=self.steps, missed_deadlines=self.missed_deadlines,
+                      stale=self.stale, rejected_messages=rejected, last_rejected=last, rejected_actions=self.bad_actions)
+        status = DiagnosticStatus(level=level, name=f"{self.get_fully_qualified_name()}: control", message=msg,
+                                  values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+        self.diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
+
+
+def spin(executor, stop: threading.Event, logger) -> None:
+    """executor.spin() that outlives an entity destroyed mid-wait (cleanup) or a callback's exception: both
+    end rclpy's own spin, which would leave the node deaf, the watchdog and e-stop included."""
+    while not stop.is_set() and executor.context.ok():
+        try:
+            executor.spin_once(timeout_sec=0.1)
+        except Exception as err:
+            logger.error(f"executor: {err!r}", throttle_duration_sec=1.0)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning threads starve a shared machine
+    sys.setswitchinterval(0.0005)  # a ready timer thread waits at most this for the GIL (default 5 ms)
+    rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)  # we hold the arm before exiting
+    node = AgentNode()
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(node)
+    stop = threading.Event()
+    spinner = threading.Thread(target=spin, args=(executor, stop, node.get_logger()), daemon=True)
+    spinner.start()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a stop is the normal end of `episodes:=0`: exit 0
+        signal.signal(sig, lambda *_: node.finished.set())
+    if node.p["autostart"] and not (node.trigger_configure() == SUCCESS and node.trigger_activate() == SUCCESS):
+        node.exit_code = 1
+        node.finished.set()
+    while not node.finished.wait(0.2):
+        pass
+    if node.lifecycle != "finalized":
+        node.trigger_shutdown()
+    if node.summary:
+        print(node.summary, flush=True)
+    stop.set()
+    spinner.join(timeout=5.0)
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.try_shutdown()
+    return node.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
