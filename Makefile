@@ -22,7 +22,9 @@ export ROS_LOCALHOST_ONLY := 1
 .PHONY: demo test setup sysdeps bench clean
 
 # The main job: 20 scripted pick-cube demonstrations, then SERL (RLPD) from states until eval
-# success >= 90% or 20k env steps; checkpoint, learning curve and eval video under runs/demo/.
+# success >= 90% or 20k env steps; checkpoint, learning curve and eval video under runs/demo/;
+# then the trained policy deployed through the ROS 2 launch file (agent_node against
+# sim_robot_node over DDS on loopback) for 10 episodes, printing their success.
 DEMO_ENV := robolearn/PandaPickCube-v0
 DEMO_ENV_SET := --env-set terminate_on_success=false
 demo: setup
@@ -32,12 +34,15 @@ demo: setup
 	$(VENV)/bin/robolearn train --agent serl --env $(DEMO_ENV) --demos runs/demo/demos $(DEMO_ENV_SET) \
 		--set num_critics=2 --set utd_ratio=8 --set nstep=3 --frames 20000 --eval-every 1000 \
 		--target-success 0.9 --out runs/demo/serl
+	$(VENV)/bin/robolearn launch launch/deploy.launch.xml backend:=sim checkpoint:=runs/demo/serl \
+		episodes:=10 seed:=2000000
 	@echo "demonstrations:  runs/demo/demos"
 	@echo "checkpoint:      runs/demo/serl/checkpoints"
 	@echo "learning curve:  runs/demo/serl/learning_curve.png"
 	@echo "eval video:      runs/demo/serl/eval.mp4"
 
 test: setup
+	$(VENV)/bin/ruff check .
 	@export ROS_DOMAIN_ID=$$(( RANDOM % 200 + 20 )); \
 	$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no tests; that is a failure" >&2; fi; \
@@ -67,7 +72,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@# setuptools' editable-install notice (a folder named like the package) is expected for this layout.
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	@touch $@
 
 clean:

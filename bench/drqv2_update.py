@@ -123,10 +123,10 @@ def main() -> None:
         b = batches[i % 2]
         line = f"update {i + 1}:"
         if i < args.updates:
-            t_ours.append(timed(lambda: ours.update(b, step + i), device))
+            t_ours.append(timed(lambda b=b, i=i: ours.update(b, step + i), device))
             line += f" ours {t_ours[-1][0]:.3f} s (cpu {t_ours[-1][1]:.3f} s)"
         if i < ref_updates:
-            t_ref.append(timed(lambda: reference_update(ref, b, step + i), device))
+            t_ref.append(timed(lambda b=b, i=i: reference_update(ref, b, step + i), device))
             line += f", reference-like {t_ref[-1][0]:.3f} s (cpu {t_ref[-1][1]:.3f} s)"
         print(line + f", load {os.getloadavg()[0]:.2f}", flush=True)
 

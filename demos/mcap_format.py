@@ -215,7 +215,7 @@ def read(path: Path) -> tuple[dict, Iterator[Callable[[], Episode]]]:
             if pending is not None:
                 yield lambda p=pending: _finish(p, meta, proprio, images, path)
             for info in (m for _, m in markers[current + 1:]):  # episodes with no messages at all
-                yield lambda p=new(info): _finish(p, meta, proprio, images, path)
+                yield lambda p=new(info): _finish(p, meta, proprio, images, path)  # noqa: B008 (bound per episode)
         finally:
             reader.close()
     return meta, episodes()

@@ -100,6 +100,11 @@ class Recorder:
         self.out.write("\r\x1b[K" + " | ".join(parts))
         self.out.flush()
 
+    def _start_hint(self) -> str:
+        """The device's way to start; Enter too where the keyboard rides along as a control device."""
+        hints = [self.device.start_hint] + [c.start_hint for c in self.controls if c.start_hint != self.device.start_hint]
+        return " or ".join(hints)
+
     # -- episode lifecycle ------------------------------------------------------------------
     def _start(self) -> None:
         self._ep_start = time.monotonic()
@@ -132,7 +137,7 @@ class Recorder:
         self.say(f"saved episode {self.writer.index}: {self.t} steps, {'success' if ok else 'failure'} "
                  f"({why}) -> {path.name}")
         if len(s.paths) < self.cfg.episodes and not self.device.autostart:
-            self.say(f"press Enter to start episode {self.writer.next_index}")
+            self.say(f"{self._start_hint()} to start episode {self.writer.next_index}")
 
     def _discard(self, why: str) -> None:
         self.writer.discard_episode()
@@ -140,7 +145,7 @@ class Recorder:
         self.summary.discarded += 1
         self.say(f"discarded episode {self.writer.index} ({why})")
         if not self.device.autostart and not self._quit:
-            self.say(f"press Enter to re-record episode {self.writer.next_index}")
+            self.say(f"{self._start_hint()} to re-record episode {self.writer.next_index}")
 
     def _on_event(self, ev: str) -> None:
         if ev == QUIT:
@@ -209,7 +214,7 @@ class Recorder:
             if dev.help:
                 self.say(dev.help)
         if not self.device.autostart:
-            self.say(f"press Enter to start episode {self.writer.next_index}")
+            self.say(f"{self._start_hint()} to start episode {self.writer.next_index}")
         next_t = last = time.monotonic()
         self.t = 0
         try:

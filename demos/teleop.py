@@ -146,6 +146,7 @@ class TeleopDevice:
     name = "device"
     human = True        # paced at the control rate by the recorder
     autostart = False   # starts each episode by itself (a scripted policy)
+    start_hint = "press Enter"  # how the operator starts and stops an episode with this device
     help = ""           # one line for the recorder's banner
     default_config = TeleopConfig()
 

@@ -417,7 +417,7 @@ def _do_node(scope: _Scope, element: Element, nodes: list[NodeSpec]) -> None:
         cmd += ["-r", f"__ns:={namespace}"]
     remaps = []
     for child in element.children:
-        c = lambda attr: _attr(scope, child, attr)  # noqa: E731
+        c = lambda attr, child=child: _attr(scope, child, attr)  # noqa: E731
         if child.tag == "remap":
             remaps += ["-r", f"{c('from')}:={c('to')}"]
         elif "from" in child.attrs:

@@ -18,75 +18,36 @@ import time
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.duration import Duration
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 from std_msgs.msg import Bool, Float64MultiArray, Header
 from std_srvs.srv import Trigger
 
-from robolearn.controllers.safety import SafetyConfig
-from robolearn.robot.env import RobotEnv, RobotEnvConfig
+from robolearn.robot.env import RobotEnv
 from robolearn.robot.interfaces import StaleStateError
 from robolearn.ros import common
-from robolearn.ros.ros_backend import RosArm, RosCamera, RosReset, RosTask, wait_until
+from robolearn.ros import robot_params
+from robolearn.ros.robot_params import ENV_FIELDS, SAFETY_FIELDS
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
-ENV_FIELDS = ("control_hz", "max_episode_steps", "action_mode", "action_scale", "rotation_scale", "tool_quat",
-              "reward_type", "terminate_on_success")
-SAFETY_FIELDS = ("workspace_low", "workspace_high", "max_translation_step", "max_rotation_step",
-                 "workspace_recovery_gain")
-_FIELDS = {**{f: getattr(RobotEnvConfig(), f) for f in ENV_FIELDS}, **{f: getattr(SafetyConfig(), f) for f in SAFETY_FIELDS}}
 PARAMS = {  # name: (default, description); docs/ros.md lists them
     "checkpoint": ("", "policy checkpoint: a run dir, its checkpoints/ dir or a step dir"),
-    **{f: (list(v) if isinstance(v, tuple) else v, f"{'SafetyConfig' if f in SAFETY_FIELDS else 'RobotEnvConfig'}"
-           f".{f}; must match the checkpoint") for f, v in _FIELDS.items()},
-    "max_obs_age": (0.0, "s; an older state or object state holds the arm (0: two control periods)"),
-    "max_image_age": (0.0, "s; an older camera frame holds the arm (0: max_obs_age)"),
-    "cameras": ([], "camera names; frames come from <name>/image_raw"),
-    "image_shape": ([], "[H, W] of the camera frames (empty: the checkpoint's)"),
-    "uses_gripper": (True, "the task has a gripper action (the last action entry)"),
+    **robot_params.ROBOT_PARAMS,
     "episodes": (0, "run this many episodes, print the success line and exit 0 (0: until stopped)"),
     "seed": (0, "episode k resets with env seed seed + k"),
     "autostart": (True, "configure and activate at startup (no lifecycle manager needed)"),
-    "startup_timeout": (30.0, "s to wait at configure for the first robot state"),
-    "reset_timeout": (30.0, "s to wait for the reset service and the state after it"),
     "torch_threads": (0, "torch threads (0: 1 for a state policy, the idle cores up to 4 with cameras)"),
     "publish_timing": (False, "publish ~/timing per tick: interval, compute, latency, receipt latency, missed"),
-    "frame_id": (common.BASE_FRAME, "frame of current_pose and of the commands"),
-    "joint_names": (list(common.PANDA_JOINTS), "arm joints read from joint_states"),
-    "finger_joints": (list(common.PANDA_FINGER_JOINTS), "gripper joints; their positions sum to the opening"),
-    "gripper_max_opening": (common.GRIPPER_MAX_OPENING, "m; gripper action -1 opens this far, +1 closes"),
-    "joint_states_topic": (common.JOINT_STATES, "sensor_msgs/JointState in (reliable)"),
-    "pose_topic": (common.TOOL_POSE, "geometry_msgs/PoseStamped in (best effort)"),
-    "twist_topic": (common.TOOL_TWIST, "geometry_msgs/TwistStamped in (best effort)"),
-    "equilibrium_pose_topic": (common.EQUILIBRIUM_POSE, "geometry_msgs/PoseStamped out"),
-    "gripper_topic": (common.GRIPPER_COMMANDS, "std_msgs/Float64MultiArray out: [opening m]"),
-    "object_state_topic": (common.OBJECT_STATE, "std_msgs/Float64MultiArray in (policies without cameras)"),
-    "reward_topic": (common.REWARD, "std_msgs/Float64 in"),
-    "success_topic": (common.SUCCESS, "std_msgs/Bool in"),
-    "reset_service": (common.RESET_SERVICE, "std_srvs/Trigger called at each episode start"),
+    "publish_steps": (False, "publish ~/steps: [episode, step, *state, *action] per step, [episode, -1, success] at the end"),
     "estop_topic": (common.ESTOP, "std_msgs/Bool; True latches the e-stop until ~/reset_estop"),
 }
-STRINGS = ("cameras", "joint_names", "finger_joints")
+STEPS_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)  # ~/steps: none may drop
 WARN_HOLDS, ERROR_HOLDS = ("stale", "deadline"), ("estop", "action", "reset", "error")  # other holds: transitions
-
-
-def _coerce(name: str, value, default):
-    """A parameter value as its default's type (dynamic typing lets `action_scale:=1` through)."""
-    try:
-        if isinstance(default, (bool, str)):
-            if type(value) is not type(default):
-                raise TypeError
-            return value
-        if isinstance(default, (int, float)):
-            return type(default)(value)
-        return [str(v) if name in STRINGS else float(v) for v in value]
-    except (TypeError, ValueError):
-        raise ValueError(f"parameter {name}: {value!r} is not a {type(default).__name__}") from None
 
 
 def _same(a, b) -> bool:
@@ -113,21 +74,12 @@ def checkpoint_mismatches(config: dict, env: RobotEnv) -> list[str]:
                   if k in node and not _same(v, node[k])]
 
 
-def _unready(read) -> str:
-    try:
-        read()
-        return ""
-    except StaleStateError as err:
-        return str(err)
-
-
 class AgentNode(LifecycleNode):
     """Acts with a checkpoint's policy on the ROS robot env at `control_hz`; see the module docstring."""
 
     def __init__(self, **kwargs):
         super().__init__("agent", **kwargs)
-        for name, (default, text) in PARAMS.items():
-            self.declare_parameter(name, default, ParameterDescriptor(description=text, dynamic_typing=True))
+        robot_params.declare(self, PARAMS)
         self._read_parameters()
         self.env = self.agent = self._control_timers = None
         self._parts, self._need_reset, self._return = [], True, 0.0
@@ -142,13 +94,14 @@ class AgentNode(LifecycleNode):
         self._steady = Clock(clock_type=ClockType.STEADY_TIME)  # the loop keeps wall time, also under sim time
         self.diag_pub = self.create_publisher(DiagnosticArray, common.DIAGNOSTICS, 10)
         self.timing_pub = self.create_publisher(Float64MultiArray, "~/timing", 100)
+        self.steps_pub = self.create_publisher(Float64MultiArray, "~/steps", STEPS_QOS)
         self.create_subscription(Bool, self.p["estop_topic"], self._on_estop, common.RELIABLE_QOS, callback_group=self._io)
         self.create_service(Trigger, "~/reset_estop", self._on_reset_estop, callback_group=self._io)
         self.create_timer(1.0, self._diagnostics, MutuallyExclusiveCallbackGroup(), clock=self._steady)
 
     def _read_parameters(self) -> None:
         """At startup and at each configure, so parameters set while unconfigured take effect."""
-        self.p = {name: _coerce(name, self.get_parameter(name).value, d) for name, (d, _) in PARAMS.items()}
+        self.p = robot_params.read(self, PARAMS)
         self.period = 1.0 / self.p["control_hz"]
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -171,38 +124,28 @@ class AgentNode(LifecycleNode):
         self._read_parameters()
         p = self.p
         config = read_config(p["checkpoint"])
-        tup = lambda f: tuple(p[f]) if isinstance(p[f], list) else p[f]  # noqa: E731
-        cfg = RobotEnvConfig(**{f: tup(f) for f in ENV_FIELDS}, safety=SafetyConfig(**{f: tup(f) for f in SAFETY_FIELDS}))
-        age = p["max_obs_age"] or 2.0 * self.period
-        arm = RosArm(self, cfg.control_hz, cfg.safety, age, p["joint_names"], p["finger_joints"], p["frame_id"],
-                     p["gripper_max_opening"], p["joint_states_topic"], p["pose_topic"], p["twist_topic"],
-                     p["equilibrium_pose_topic"], p["gripper_topic"], callback_group=self._io)
-        task = RosTask(self, p["uses_gripper"], age, p["object_state_topic"], p["reward_topic"], p["success_topic"],
-                       callback_group=self._io)
-        self._parts, cameras = [arm, task], {}
-        for cam in p["cameras"]:
-            shape = [*map(int, p["image_shape"]), 3] if p["image_shape"] else None
-            shape = shape or config.get("observation_space", {}).get(f"images/{cam}")
-            if not shape:
-                raise ValueError(f"camera {cam!r} is not in the checkpoint's observation space; set image_shape")
-            cameras[cam] = RosCamera(self, cam, shape, p["max_image_age"] or age, callback_group=self._io)
-            self._parts.append(cameras[cam])
-        resetter = RosReset(self, arm, None if cameras else task, p["reset_service"], p["reset_timeout"], self._io)
-        self._parts.append(resetter)
-        reads = [arm.read, *(c.read for c in cameras.values())] + ([] if cameras else [lambda: task.object_state(arm)])
-        if not wait_until(self, lambda: not any(map(_unready, reads)), p["startup_timeout"]):
-            raise TimeoutError(f"no robot state within startup_timeout {p['startup_timeout']:g} s: "
-                               + "; ".join(filter(None, map(_unready, reads))))
-        env = RobotEnv(arm, task, resetter, cfg, cameras, env_id=self.get_fully_qualified_name())
+        p["uses_gripper"] = self._uses_gripper(config)
+        shapes = robot_params.camera_shapes(p, config.get("observation_space", {}), "checkpoint")
+        env, self._parts = robot_params.make_robot_env(self, p, shapes, self._io, self.get_fully_qualified_name())
         bad = checkpoint_mismatches(config, env)
         if bad:
             raise ValueError(f"checkpoint {p['checkpoint']} does not fit this robot: " + "; ".join(bad))
-        self._torch_threads(bool(cameras))
+        self._torch_threads(bool(shapes))
         self.agent, _ = load_agent(p["checkpoint"], env)
         self.env = env
         gc.collect()
         gc.freeze()  # the ~190k objects alive now (torch, rclpy, the agent) are never scanned again: a full
         # collection over them took 150-175 ms here, a stalled tick every few seconds
+
+    def _uses_gripper(self, config: dict) -> bool:
+        """From the checkpoint's action_shape and action_mode (xyz: 3 or 4, 6dof: 6 or 7), so a checkpoint
+        needs no `uses_gripper`; a parameter given explicitly (or a shape that fits neither) keeps its value."""
+        if "uses_gripper" in getattr(self, "_parameter_overrides", {}):
+            return self.p["uses_gripper"]
+        shape, arm = config.get("action_shape"), 6 if self.p["action_mode"] == "6dof" else 3
+        if isinstance(shape, list) and len(shape) == 1 and shape[0] in (arm, arm + 1):
+            return shape[0] == arm + 1
+        return self.p["uses_gripper"]
 
     def _torch_threads(self, pixels: bool) -> None:
         import torch
@@ -310,6 +253,9 @@ class AgentNode(LifecycleNode):
         import torch
         with torch.inference_mode():
             action = self.agent.act(obs, explore=False)
+        if self.p["publish_steps"]:
+            self.steps_pub.publish(Float64MultiArray(data=[float(self.episodes), float(self.steps),
+                                                           *map(float, obs["state"]), *map(float, action)]))
         with self._lock:
             elapsed = time.monotonic() - start
             if not self._active or self._estop:
@@ -330,6 +276,8 @@ class AgentNode(LifecycleNode):
         return now - stamp, sent - receipt
 
     def _end_episode(self, success: bool) -> None:
+        if self.p["publish_steps"]:
+            self.steps_pub.publish(Float64MultiArray(data=[float(self.episodes), -1.0, float(bool(success))]))
         self.episodes, self.successes = self.episodes + 1, self.successes + bool(success)
         self.get_logger().info(f"episode {self.episodes - 1}: {'success' if success else 'failure'} after "
                                f"{self.steps} steps, return {self._return:.2f}; success {self.successes}/{self.episodes}")

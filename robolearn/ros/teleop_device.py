@@ -26,7 +26,7 @@ class RosTopicDevice(TeleopDevice):
 
     def __init__(self, config: TeleopConfig | None = None, twist_topic: str = "teleop/twist",
                  joy_topic: str = "teleop/joy", linear_scale: float = 1.0, buttons=None,
-                 node_name: str = "robolearn_teleop"):
+                 node_name: str = "robolearn_teleop", node=None):
         super().__init__(config)
         rclpy = require("rclpy", "ros-rclpy", extra="ros")
         from rclpy.executors import SingleThreadedExecutor
@@ -41,11 +41,17 @@ class RosTopicDevice(TeleopDevice):
         self._joy_prev: list[int] = []
         self._gripper, self._events = None, []
 
+        self.start_hint = f"press button {self.buttons['start_stop']} on {joy_topic} (sensor_msgs/Joy)"
+        if node is not None:  # a node the caller spins (record_node): its namespace and remaps apply
+            self._ctx, self._node = None, node
+            self._subs = [node.create_subscription(geometry_msgs.TwistStamped, twist_topic, self._on_twist, 10),
+                          node.create_subscription(sensor_msgs.Joy, joy_topic, self._on_joy, 10)]
+            return
         self._ctx = rclpy.Context()
         rclpy.init(context=self._ctx)
         self._node = rclpy.create_node(node_name, context=self._ctx)
-        self._node.create_subscription(geometry_msgs.TwistStamped, twist_topic, self._on_twist, 10)
-        self._node.create_subscription(sensor_msgs.Joy, joy_topic, self._on_joy, 10)
+        self._subs = [self._node.create_subscription(geometry_msgs.TwistStamped, twist_topic, self._on_twist, 10),
+                      self._node.create_subscription(sensor_msgs.Joy, joy_topic, self._on_joy, 10)]
         self._executor = SingleThreadedExecutor(context=self._ctx)
         self._executor.add_node(self._node)
         self._thread = threading.Thread(target=self._spin, name="robolearn-teleop-ros", daemon=True)
@@ -89,6 +95,9 @@ class RosTopicDevice(TeleopDevice):
 
     def close(self) -> None:
         if self._ctx is None:
+            for sub in self._subs:
+                self._node.destroy_subscription(sub)
+            self._subs = []
             return
         self._executor.shutdown(timeout_sec=1.0)
         self._node.destroy_node()

@@ -1,0 +1,120 @@
+"""The ROS robot env from node parameters: the robot profile both agent_node and record_node take.
+
+One table of parameters (robot-env settings, safety box, joint names, topics), one coercion, and
+`make_robot_env`, which composes RosArm, RosTask, RosCamera and RosReset into the RobotEnv the
+simulator uses too. Parameter list: docs/ros.md ("Robot profile").
+"""
+
+from __future__ import annotations
+
+from rcl_interfaces.msg import ParameterDescriptor
+
+from robolearn.controllers.safety import SafetyConfig
+from robolearn.robot.env import RobotEnv, RobotEnvConfig
+from robolearn.robot.interfaces import StaleStateError
+from robolearn.ros import common
+from robolearn.ros.ros_backend import RosArm, RosCamera, RosReset, RosTask, wait_until
+
+ENV_FIELDS = ("control_hz", "max_episode_steps", "action_mode", "action_scale", "rotation_scale", "tool_quat",
+              "reward_type", "terminate_on_success")
+SAFETY_FIELDS = ("workspace_low", "workspace_high", "max_translation_step", "max_rotation_step",
+                 "workspace_recovery_gain")
+_FIELDS = {**{f: getattr(RobotEnvConfig(), f) for f in ENV_FIELDS}, **{f: getattr(SafetyConfig(), f) for f in SAFETY_FIELDS}}
+ROBOT_PARAMS = {  # name: (default, description)
+    **{f: (list(v) if isinstance(v, tuple) else v, f"{'SafetyConfig' if f in SAFETY_FIELDS else 'RobotEnvConfig'}"
+           f".{f}; must match the checkpoint") for f, v in _FIELDS.items()},
+    "max_obs_age": (0.0, "s; an older state or object state holds the arm (0: two control periods)"),
+    "max_image_age": (0.0, "s; an older camera frame holds the arm (0: max_obs_age)"),
+    "cameras": ([], "camera names; frames come from <name>/image_raw"),
+    "image_shape": ([], "[H, W] of the camera frames (empty: the checkpoint's or the dataset's)"),
+    "uses_gripper": (True, "the task has a gripper action (the last action entry)"),
+    "startup_timeout": (30.0, "s to wait at startup for the first robot state"),
+    "reset_timeout": (30.0, "s to wait for the reset service and the state after it"),
+    "frame_id": (common.BASE_FRAME, "frame of current_pose and of the commands"),
+    "joint_names": (list(common.PANDA_JOINTS), "arm joints read from joint_states"),
+    "finger_joints": (list(common.PANDA_FINGER_JOINTS), "gripper joints; their positions sum to the opening"),
+    "gripper_max_opening": (common.GRIPPER_MAX_OPENING, "m; gripper action -1 opens this far, +1 closes"),
+    "joint_states_topic": (common.JOINT_STATES, "sensor_msgs/JointState in (reliable)"),
+    "pose_topic": (common.TOOL_POSE, "geometry_msgs/PoseStamped in (best effort)"),
+    "twist_topic": (common.TOOL_TWIST, "geometry_msgs/TwistStamped in (best effort)"),
+    "equilibrium_pose_topic": (common.EQUILIBRIUM_POSE, "geometry_msgs/PoseStamped out"),
+    "gripper_topic": (common.GRIPPER_COMMANDS, "std_msgs/Float64MultiArray out: [opening m]"),
+    "object_state_topic": (common.OBJECT_STATE, "std_msgs/Float64MultiArray in (policies without cameras)"),
+    "reward_topic": (common.REWARD, "std_msgs/Float64 in"),
+    "success_topic": (common.SUCCESS, "std_msgs/Bool in"),
+    "reset_service": (common.RESET_SERVICE, "std_srvs/Trigger called at each episode start"),
+}
+STRINGS = ("cameras", "joint_names", "finger_joints")
+
+
+def coerce(name: str, value, default):
+    """A parameter value as its default's type (dynamic typing lets `action_scale:=1` through)."""
+    try:
+        if isinstance(default, (bool, str)):
+            if type(value) is not type(default):
+                raise TypeError
+            return value
+        if isinstance(default, (int, float)):
+            return type(default)(value)
+        return [str(v) if name in STRINGS else float(v) for v in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"parameter {name}: {value!r} is not a {type(default).__name__}") from None
+
+
+def declare(node, table: dict) -> None:
+    for name, (default, text) in table.items():
+        node.declare_parameter(name, default, ParameterDescriptor(description=text, dynamic_typing=True))
+
+
+def read(node, table: dict) -> dict:
+    return {name: coerce(name, node.get_parameter(name).value, d) for name, (d, _) in table.items()}
+
+
+def env_config(p: dict) -> RobotEnvConfig:
+    tup = lambda f: tuple(p[f]) if isinstance(p[f], list) else p[f]  # noqa: E731
+    return RobotEnvConfig(**{f: tup(f) for f in ENV_FIELDS}, safety=SafetyConfig(**{f: tup(f) for f in SAFETY_FIELDS}))
+
+
+def fresh(read_fn) -> bool:
+    return not _unready(read_fn)
+
+
+def _unready(read_fn) -> str:
+    try:
+        read_fn()
+        return ""
+    except StaleStateError as err:
+        return str(err)
+
+
+def make_robot_env(node, p: dict, camera_shapes: dict[str, list[int]], group, env_id: str) -> tuple[RobotEnv, list]:
+    """The RobotEnv on the ROS robot `p` describes, once every part has a fresh message; returns (env, parts)."""
+    cfg = env_config(p)
+    age = p["max_obs_age"] or 2.0 / cfg.control_hz
+    arm = RosArm(node, cfg.control_hz, cfg.safety, age, p["joint_names"], p["finger_joints"], p["frame_id"],
+                 p["gripper_max_opening"], p["joint_states_topic"], p["pose_topic"], p["twist_topic"],
+                 p["equilibrium_pose_topic"], p["gripper_topic"], callback_group=group)
+    task = RosTask(node, p["uses_gripper"], age, p["object_state_topic"], p["reward_topic"], p["success_topic"],
+                   callback_group=group)
+    cameras = {cam: RosCamera(node, cam, shape, p["max_image_age"] or age, callback_group=group)
+               for cam, shape in camera_shapes.items()}
+    resetter = RosReset(node, arm, None if cameras else task, p["reset_service"], p["reset_timeout"], group)
+    parts = [arm, task, *cameras.values(), resetter]
+    reads = [arm.read, *(c.read for c in cameras.values())] + ([] if cameras else [lambda: task.object_state(arm)])
+    if not wait_until(node, lambda: not any(map(_unready, reads)), p["startup_timeout"]):
+        for part in parts:
+            part.close()
+        raise TimeoutError(f"no robot state within startup_timeout {p['startup_timeout']:g} s: "
+                           + "; ".join(filter(None, map(_unready, reads))))
+    return RobotEnv(arm, task, resetter, cfg, cameras, env_id=env_id), parts
+
+
+def camera_shapes(p: dict, spec: dict, what: str) -> dict[str, list[int]]:
+    """{camera: [H, W, 3]} from the `cameras`/`image_shape` parameters, else from an observation spec."""
+    out = {}
+    for cam in p["cameras"]:
+        shape = [*map(int, p["image_shape"]), 3] if p["image_shape"] else spec.get(f"images/{cam}")
+        if not shape:
+            raise ValueError(f"camera {cam!r} is not in the {what}'s observation space; set image_shape")
+        out[cam] = list(shape)
+    return out
