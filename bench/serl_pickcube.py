@@ -60,7 +60,8 @@ def critic_update_gflop(obs_dim: int, act_dim: int, cfg: SERLConfig) -> float:
     return per_sample * cfg.batch_size / 1e9
 
 
-def measure_updates(env_id: str, env_kwargs: dict, overrides: dict, n: int = 20) -> dict:
+def agent_and_batch(env_id: str, env_kwargs: dict, overrides: dict):
+    """A SERL agent for the env and one learner batch of UTD x batch-size random transitions."""
     env = rsim.make(env_id, **env_kwargs)
     cfg = SERLConfig(**overrides)
     agent = SERLAgent(env.observation_space, env.action_space, cfg)
@@ -72,6 +73,12 @@ def measure_updates(env_id: str, env_kwargs: dict, overrides: dict, n: int = 20)
                 "tcp_pose": torch.zeros(b, 7)}
     batch = {"obs": obs(), "next_obs": obs(), "action": torch.rand(b, env.action_space.shape[0]) * 2 - 1,
              "reward": torch.rand(b), "discount": torch.full((b,), 0.99)}
+    return env, cfg, agent, batch
+
+
+def measure_updates(env_id: str, env_kwargs: dict, overrides: dict, n: int = 20) -> dict:
+    env, cfg, agent, batch = agent_and_batch(env_id, env_kwargs, overrides)
+    obs_dim = env.observation_space["state"].shape[0]
     agent.update(batch, 0)
     times = []
     for i in range(n):
@@ -84,6 +91,54 @@ def measure_updates(env_id: str, env_kwargs: dict, overrides: dict, n: int = 20)
     return {"updates_per_s": round(critic_per_s, 1), "gflop_per_critic_update": round(flop, 3),
             "matmul_gflops": round(peak, 1), "arithmetic_limit_updates_per_s": round(peak / flop, 1),
             "fraction_of_limit": round(critic_per_s * flop / peak, 3)}
+
+
+def update_rate(agent, batch, cfg, seconds: float, governor=None) -> float:
+    """Critic updates/s over `seconds` of learner steps (the governor re-checked before each, as in train)."""
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        if governor is not None:
+            governor.check()
+        agent.update(batch, n)
+        n += 1
+    return cfg.utd_ratio * n / (time.perf_counter() - t0)
+
+
+def measure_busy(env_id: str, env_kwargs: dict, overrides: dict, busy: int, seconds: float) -> dict:
+    """Learner updates/s on an idle machine and with `busy` cores taken by competing processes, with
+    the adaptive thread count robolearn train uses and with all cores fixed (torch's default)."""
+    import os
+    import subprocess
+    import sys
+
+    from robolearn.cpu import ThreadGovernor
+
+    _env, cfg, agent, batch = agent_and_batch(env_id, env_kwargs, overrides)
+    cores = os.cpu_count() or 1
+    out = {"busy_cores": busy, "cores": cores, "seconds_per_measurement": seconds}
+
+    def both(tag: str) -> None:
+        torch.set_num_threads(cores)
+        update_rate(agent, batch, cfg, 1.0)  # warm-up
+        out[f"updates_per_s_{tag}_fixed_threads"] = round(update_rate(agent, batch, cfg, seconds), 1)
+        governor = ThreadGovernor(every=0.5)
+        update_rate(agent, batch, cfg, 1.0, governor)  # lets the governor take its first two samples
+        out[f"updates_per_s_{tag}"] = round(update_rate(agent, batch, cfg, seconds, governor), 1)
+        out[f"threads_{tag}"] = governor.threads
+
+    both("idle")
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+    try:
+        time.sleep(1.0)
+        both("busy")
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    out["busy_slowdown"] = round(out["updates_per_s_idle"] / out["updates_per_s_busy"], 2)
+    out["busy_slowdown_fixed_threads"] = round(out["updates_per_s_idle_fixed_threads"]
+                                               / out["updates_per_s_busy_fixed_threads"], 2)
+    return out
 
 
 def to_90(history: dict) -> tuple[int | None, float | None]:
@@ -105,6 +160,10 @@ def main() -> None:
     parser.add_argument("--cameras", nargs="+", default=["wrist"],
                         help="--pixels on a CPU: PandaReach cameras (default: the wrist camera alone)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--busy", type=int, metavar="N",
+                        help="instead of the learning runs: learner updates/s idle and with N cores kept busy by "
+                             "competing processes, adaptive threads (robolearn train's default) against fixed")
+    parser.add_argument("--busy-seconds", type=float, default=20.0, help="length of each --busy measurement")
     parser.add_argument("--out", help="run directories, replaced on each run (default runs/bench_serl_pickcube, "
                                        "--pixels: runs/bench_serl_pixels)")
     args = parser.parse_args()
@@ -122,6 +181,10 @@ def main() -> None:
         overrides = {**overrides, "utd_ratio": 1, "batch_size": 128, "conv_strides": (2, 2, 2, 1)}
     else:
         env_id, budget = "robolearn/PandaPickCube-v0", 20_000
+    if args.busy is not None:
+        print(json.dumps({"env_id": env_id, **measure_busy(env_id, env_kwargs, overrides, args.busy,
+                                                            args.busy_seconds)}))
+        return
     out_root = Path(args.out or ("runs/bench_serl_pixels" if args.pixels else "runs/bench_serl_pickcube"))
     seeds, frames = (args.seeds[:1], 4_000) if args.quick else (args.seeds, args.frames or budget)
     result = {"env_id": env_id, "seeds": seeds, "frames_budget": frames, "env_steps_to_90": [],

@@ -114,7 +114,7 @@ def _import_modules(names: list[str] | None) -> None:
 
 
 def cmd_train(args) -> int:
-    from robolearn.cpu import reuse_freed_memory
+    from robolearn.cpu import ThreadGovernor, reuse_freed_memory
 
     _plain_warnings()  # a skipped damaged demo episode: one line naming it
     reuse_freed_memory()  # updates reuse their activations' pages instead of faulting them in again
@@ -134,7 +134,8 @@ def cmd_train(args) -> int:
                       eval_episodes=args.eval_episodes, target_success=args.target_success,
                       checkpoint_every=args.checkpoint_every, video=not args.no_video,
                       env_kwargs=_parse_overrides(args.env_set), agent_overrides=_parse_overrides(args.set))
-    result = train(cfg, resume=args.resume)
+    # Without --threads, torch's threads follow the cores other processes leave free (robolearn/cpu.py).
+    result = train(cfg, resume=args.resume, governor=None if args.threads else ThreadGovernor())
     print(f"env steps: {result['env_steps']}  final eval success: {result['final_success']:.0%}  "
           f"minutes: {result['minutes']:.1f}")
     print(f"checkpoint:     {result['checkpoint']}")
@@ -337,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="agent config field, e.g. utd_ratio=8; with --resume only the learner's pace and step "
                         "sizes may change (docs/training.md)")
     p.add_argument("--env-set", action="append", metavar="KEY=VALUE", help="env option, e.g. image_size=64")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the cores other processes leave free, re-checked every 2 s)")
     p.add_argument("--no-video", action="store_true", help="skip the final eval video")
     p.add_argument("--import-module", action="append", metavar="PKG",
                    help="import PKG first, to register its gymnasium envs for --env (e.g. gym_hil)")

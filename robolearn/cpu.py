@@ -10,6 +10,9 @@ caller can apply them before torch starts its thread pool.
 - `busy_cores()`: how many cores other processes keep busy right now, from /proc/stat, for
   choosing OpenMP's wait policy (spinning threads win on an idle machine and lose badly on a
   shared one).
+- `ThreadGovernor`: torch's thread count re-chosen during a run from the cores other processes
+  leave free, so training keeps its idle speed on an idle machine and degrades in proportion
+  when cores are taken (`robolearn train` uses it unless `--threads` is given).
 """
 
 from __future__ import annotations
@@ -62,4 +65,42 @@ def busy_cores(seconds: float = 0.5, cores: int | None = None) -> float | None:
     return cores * (b[0] - a[0]) / (b[1] - a[1])
 
 
-__all__ = ["busy_cores", "reuse_freed_memory"]
+class ThreadGovernor:
+    """Re-chooses torch's CPU thread count as the machine's load changes, every `every` seconds.
+
+    OpenMP workers spin while they wait for work: on an idle machine that is the fastest choice,
+    but a worker whose core another process takes stalls every parallel region (make demo's
+    training ran 3.2x slower with one of two cores taken, 9-14x at load 4-6). So the governor
+    gives torch the cores no other process is using (at least 1, at most `max_threads`), measured
+    from /proc/stat less this process's own CPU time, and checks again as the load changes.
+    """
+
+    def __init__(self, max_threads: int | None = None, every: float = 2.0, set_threads=None):
+        self.cores = os.cpu_count() or 1
+        self.max_threads, self.every = max(1, max_threads or self.cores), every
+        self.threads: int | None = None
+        self._set = set_threads
+        self._last: tuple[float, float, tuple[int, int]] | None = None
+
+    def check(self) -> int | None:
+        """Cheap between checks; returns the thread count after a check, else None."""
+        now = time.monotonic()
+        if self._last is not None and now - self._last[0] < self.every:
+            return None
+        ticks, own = _cpu_ticks(), time.process_time()
+        last, self._last = self._last, (now, own, ticks) if ticks is not None else None
+        if last is None or ticks is None or ticks[1] <= last[2][1]:
+            return None
+        machine = self.cores * (ticks[0] - last[2][0]) / (ticks[1] - last[2][1])
+        others = max(0.0, machine - (own - last[1]) / (now - last[0]))
+        threads = max(1, min(self.max_threads, round(self.cores - others)))
+        if threads != self.threads:
+            if self._set is None:
+                import torch
+                self._set = torch.set_num_threads
+            self._set(threads)
+            self.threads = threads
+        return threads
+
+
+__all__ = ["ThreadGovernor", "busy_cores", "reuse_freed_memory"]

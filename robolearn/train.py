@@ -219,10 +219,11 @@ class Trainer:
     """One training run; `run()` trains to the frame budget or the target success."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, console=None,
-                 env_factory: Callable[[], typing.Any] | None = None):
+                 env_factory: Callable[[], typing.Any] | None = None, governor=None):
         """env_factory: builds the training and the eval env (called twice) instead of cfg.env; checkpoints
         then name the env by its gymnasium id, or "module:Class" without one. Contract: docs/training.md."""
         check_train_config(cfg)
+        self.governor = governor  # a robolearn.cpu.ThreadGovernor re-choosing torch's threads, or None
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.console = console
@@ -323,6 +324,8 @@ class Trainer:
             bar = progress.add_task(f"{cfg.agent} {cfg.env}", total=total_steps, completed=self.step,
                                     fps=0.0, ret=0.0, succ=0.0, ev="-")
             while self.step < total_steps:
+                if self.governor is not None:
+                    self.governor.check()
                 if self.step < p["seed_steps"]:
                     action = self.rng.uniform(-1, 1, self.env.action_space.shape).astype(np.float32)
                 else:
@@ -422,8 +425,8 @@ def plot_learning_curve(history: dict, path: Path, cfg: TrainConfig) -> Path:
 
 
 def train(cfg: TrainConfig, resume: bool = False, console=None,
-          env_factory: Callable[[], typing.Any] | None = None) -> dict:
-    trainer = Trainer(cfg, resume=resume, console=console, env_factory=env_factory)
+          env_factory: Callable[[], typing.Any] | None = None, governor=None) -> dict:
+    trainer = Trainer(cfg, resume=resume, console=console, env_factory=env_factory, governor=governor)
     try:
         return trainer.run()
     except (NonFiniteLossError, TrainingDiverged) as err:

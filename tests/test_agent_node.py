@@ -193,7 +193,7 @@ def test_lifecycle_commands_only_when_active_and_deactivate_holds(ros, checkpoin
     assert node.trigger_activate() == SUCCESS
     assert node._state_machine.current_state[1] == "active"
     wait_for(lambda: fake.policy_commands(start) >= 5, what="policy commands")
-    assert fake.resets == resets + 1  # the episode began with the reset service
+    assert fake.resets > resets  # the episode began with the reset service (retried if the state was stale)
     assert fake.grippers and all(0.0 <= g <= common.GRIPPER_MAX_OPENING for g in fake.grippers)
     assert node.trigger_deactivate() == SUCCESS
     n = fake.settled()

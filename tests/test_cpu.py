@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -52,3 +53,33 @@ def test_busy_cores_is_a_share_of_the_machine():
     if busy is None:
         pytest.skip("no /proc/stat on this system: busy_cores has nothing to read")
     assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
+
+
+def test_thread_governor_gives_torch_the_cores_others_leave_free():
+    """Two samples half a second apart: with every core taken by another process torch gets one thread,
+    and the count comes back up when they stop (a spinning OpenMP worker on a taken core stalls)."""
+    from robolearn.cpu import ThreadGovernor
+
+    cores = os.cpu_count() or 1
+    if cores < 2:
+        pytest.skip("one core: the governor always chooses 1 thread")
+    chosen = []
+    governor = ThreadGovernor(every=0.5, set_threads=chosen.append)
+
+    def sample():
+        governor._last = None  # a fresh pair of samples over the next half second
+        governor.check()
+        time.sleep(0.6)
+        return governor.check()
+
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.5)
+        assert sample() == 1
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    time.sleep(0.5)
+    after = [sample() for _ in range(3)]  # three tries: a passing blip of load elsewhere is not the hogs
+    assert max(after) >= 2 and chosen[-1] == governor.threads, after  # torch was told each change
