@@ -74,6 +74,42 @@ def checkpoint_mismatches(config: dict, env: RobotEnv) -> list[str]:
                   if k in node and not _same(v, node[k])]
 
 
+class PeriodicThread:
+    """Calls `fn` every `period` s of the monotonic clock from a thread of its own.
+
+    No executor stands between the deadline and the call: an rclpy timer under a MultiThreadedExecutor
+    busy with 100 Hz state topics woke 4 ms late at the median and 20-35 ms at p99 (bench/control_loop.py).
+    """
+
+    def __init__(self, period: float, fn, name: str):
+        self.period, self.fn, self._regrid = period, fn, False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def regrid(self) -> None:
+        """Start the period grid again from the end of the current call (after a blocking reset)."""
+        self._regrid = True
+
+    def _run(self) -> None:
+        due = time.monotonic()
+        while not self._stop.is_set():
+            self.fn()
+            due = time.monotonic() if self._regrid else due + self.period
+            self._regrid = False
+            delay = due - time.monotonic()
+            if delay < -self.period:  # a whole period late: keep the rate, drop the missed ticks
+                due += math.ceil(-delay / self.period) * self.period
+                delay = due - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+
+    def cancel(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+
 class AgentNode(LifecycleNode):
     """Acts with a checkpoint's policy on the ROS robot env at `control_hz`; see the module docstring."""
 
@@ -158,8 +194,8 @@ class AgentNode(LifecycleNode):
     def on_activate(self, state) -> TransitionCallbackReturn:
         with self._lock:
             self._active, self._held, self._need_reset, self._last_tick = True, None, True, None
-        self._control_timers = [  # ticks one at a time, in groups apart from the subscriptions'
-            self.create_timer(self.period, self._tick, MutuallyExclusiveCallbackGroup(), clock=self._steady),
+        self._control_timers = [  # the ticks on a thread of their own; the watchdog apart from the subscriptions
+            PeriodicThread(self.period, self._tick, "agent-control"),
             self.create_timer(self.period, self._watchdog, MutuallyExclusiveCallbackGroup(), clock=self._steady)]
         self.lifecycle = "active"
         return SUCCESS
@@ -182,7 +218,7 @@ class AgentNode(LifecycleNode):
                 self._hold(why, why)
             self._active = False
         for timer in self._control_timers or ():
-            self.destroy_timer(timer)
+            timer.cancel() if isinstance(timer, PeriodicThread) else self.destroy_timer(timer)
         self._control_timers = None
         if release and self._ticking.acquire(timeout=self.p["reset_timeout"] + 1.0):
             self._ticking.release()  # no tick runs now, nor will one start: the timers are gone
@@ -233,7 +269,7 @@ class AgentNode(LifecycleNode):
         self._need_reset, self.steps, self._return = False, 0, 0.0
         self.get_logger().info(f"episode {self.episodes}: reset with seed {seed}")
         if self._control_timers:  # restart the period grid after the blocking reset
-            self._control_timers[0].reset()
+            self._control_timers[0].regrid()
         self._last_tick = time.monotonic()
 
     def _step(self, start: float) -> tuple[float, float] | None:
