@@ -278,3 +278,18 @@ def test_record_errors_are_one_line_with_status_2(tmp_path):
     proc = robolearn("record", "--env", "robolearn/PandaReach-v0", "--teleop", "keyboard", "--out",
                      str(tmp_path / "x"), check=False)  # stdin is not a terminal here
     assert proc.returncode == 2 and "needs a terminal" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_device_lost_before_anything_was_saved_exits_1(tmp_path):
+    """The script ends without ever starting an episode: the recorder reports the loss, saves nothing and
+    exits 1; a device lost after an episode was saved exits 0 (the saved episode is the result)."""
+    out = tmp_path / "demos"
+    proc = robolearn("record", "--env", "robolearn/PandaReach-v0", "--teleop", "scripted", "--unpaced",
+                     "--episodes", "2", "--out", str(out), "--teleop-set", "keys=ww", check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "recorded 0 episode(s)" in proc.stdout and not list(out.glob("episode_*.h5"))
+    proc = robolearn("record", "--env", "robolearn/PandaReach-v0", "--teleop", "scripted", "--unpaced",
+                     "--episodes", "2", "--out", str(out), "--env-set", "max_episode_steps=3",
+                     "--teleop-set", "keys=<enter>www", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(list(out.glob("episode_*.h5"))) == 1
