@@ -137,7 +137,8 @@ def _infer_meta(path: Path, data: h5py.Group, first: str) -> tuple[dict, dict]:
         image = ds.dtype == np.uint8 and ds.ndim == 4
         key = f"images/{rkey[:-len('_image')]}" if image and rkey.endswith("_image") else rkey
         keys[key] = rkey
-        spec[key] = {"shape": list(ds.shape[1:]), "dtype": ds.dtype.name}
+        # robomimic's own files keep low-dimensional observations as float64; robolearn stores float32.
+        spec[key] = {"shape": list(ds.shape[1:]), "dtype": "float32" if ds.dtype.kind == "f" else ds.dtype.name}
     adim = int(g["actions"].shape[1])
     control_freq = env_args.get("env_kwargs", {}).get("control_freq", 20)  # robosuite's default rate
     meta = {"format_version": 1, "env_id": env_args.get("env_name", ""), "fps": float(control_freq),

@@ -614,3 +614,140 @@ def test_mcap_bag_written_by_rosbags_itself_imports(tmp_path):
     np.testing.assert_array_equal(ep["robot"]["joint_velocity"], velocity)
     np.testing.assert_array_equal(ep["robot"]["tool_pose"], tool)
     assert back.episode_attrs(0)["seed"] == 7
+
+
+REACH_ID = "robolearn/PandaReach-v0"  # state-only: observations `state` (10,) and `tcp_pose` (7,), action (3,)
+
+
+def _reach_episodes(seed: int, lengths: tuple[int, ...]) -> list[dict]:
+    """Float32 values (exact in float64 too), distinct per episode so a swap or shift shows."""
+    rng = np.random.default_rng(seed)
+    return [{"state": rng.normal(size=(T + 1, 10)).astype(np.float32),
+             "tcp_pose": rng.normal(size=(T + 1, 7)).astype(np.float32),
+             "action": rng.uniform(-1, 1, (T, 3)).astype(np.float32),
+             "reward": rng.normal(size=T).astype(np.float32)} for T in lengths]
+
+
+def test_robomimic_file_written_independently_imports(tmp_path):
+    """A robomimic file written with h5py by hand after robomimic's documented dataset structure
+    (robomimic.github.io/docs/datasets/overview.html, "Dataset Structure"), not by our exporter:
+    `data` attrs `total` and `env_args` (JSON: env_name, type, env_kwargs); `data/demo_N` with attr
+    `num_samples`, `actions` (N, A), `rewards` (N,), `dones` (N,) as int64 0/1, `states`,
+    `obs/<key>` and `next_obs/<key>` (N, ...); `mask/<filter>` lists of demo names. Nothing
+    robolearn-specific (no `robolearn_meta`, no `robolearn_episode`, no per-step flags): the env
+    comes from `env_args["env_name"]`, as robomimic itself reads it, and `--env` is also passed
+    as the CLI would. Observations, rewards and actions are float64, as robomimic's datasets hold them
+    (the values are float32-exact; robolearn stores float32)."""
+    eps = _reach_episodes(11, (5, 3))
+    dones = [np.array([0, 0, 0, 0, 1]), np.array([0, 0, 0])]  # demo_0 ends in success, demo_1 at a time limit
+    path = tmp_path / "low_dim.hdf5"
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        for n, (ep, done) in enumerate(zip(eps, dones)):
+            T = len(ep["action"])
+            g = data.create_group(f"demo_{n}")
+            g.attrs["num_samples"] = T
+            g.create_dataset("actions", data=ep["action"].astype(np.float64))
+            g.create_dataset("rewards", data=ep["reward"].astype(np.float64))
+            g.create_dataset("dones", data=done.astype(np.int64))
+            g.create_dataset("states", data=np.zeros((T, 4)))  # MuJoCo states: not ours to read
+            for key in ("state", "tcp_pose"):  # low-dimensional observations as float64, as robomimic keeps them
+                g.create_dataset(f"obs/{key}", data=ep[key][:T].astype(np.float64))
+                g.create_dataset(f"next_obs/{key}", data=ep[key][1:].astype(np.float64))
+        data.attrs["total"] = sum(len(ep["action"]) for ep in eps)
+        data.attrs["env_args"] = json.dumps({"env_name": REACH_ID, "type": 2, "env_kwargs": {}})
+        f.create_dataset("mask/train", data=np.array([b"demo_0", b"demo_1"]))
+        f.create_dataset("mask/valid", data=np.array([], dtype="S6"))
+
+    assert cli_main(["demos", "import", str(path), "--format", "robomimic", "--out", str(tmp_path / "back"),
+                     "--env", REACH_ID]) == 0
+    back = Dataset(tmp_path / "back")
+    assert len(back) == 2 and back.meta["env_id"] == REACH_ID
+    for i, (ep, done) in enumerate(zip(eps, dones)):
+        got = back.episode(i)
+        assert sorted(got["obs"]) == ["state", "tcp_pose"]
+        for key in ("state", "tcp_pose"):
+            np.testing.assert_array_equal(got["obs"][key], ep[key], err_msg=f"demo_{i} {key}")
+        np.testing.assert_array_equal(got["action"], ep["action"])
+        np.testing.assert_array_equal(got["reward"], ep["reward"])
+        np.testing.assert_array_equal(got["terminated"], done.astype(bool))
+        assert got["truncated"].tolist() == [False] * (len(done) - 1) + [not done[-1]]
+        np.testing.assert_array_equal(got["success"], done.astype(bool))
+
+
+def test_lerobot_dataset_written_independently_imports(tmp_path):
+    """A LeRobot v3.0 dataset written with pyarrow and json by hand after LeRobot v3's documented
+    layout (LeRobotDataset v3.0: meta/info.json with codebase_version, fps, features, data_path
+    and video_path templates; meta/episodes/chunk-000/file-000.parquet with episode_index,
+    length, data/chunk_index, data/file_index, dataset_from_index, dataset_to_index;
+    meta/tasks.parquet; data/chunk-000/file-000.parquet holding every frame), not by our
+    exporter: no meta/robolearn.json, no complementary_info.* columns, no final frame of our own.
+    So every frame's action has its result (next.reward, next.done) and the last frame of each
+    episode is only its final observation to us (its action is dropped). State-only, so no video."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fps = 10
+    eps = _reach_episodes(12, (4, 6))
+    done = [np.array([0, 0, 0, 1], bool), np.array([0] * 6, bool)]
+    cols: dict[str, list] = {k: [] for k in ("observation.state", "observation.tcp_pose", "action", "next.reward",
+                                             "next.done", "timestamp", "frame_index", "episode_index", "index",
+                                             "task_index")}
+    ep_rows, start = [], 0
+    for n, (ep, d) in enumerate(zip(eps, done)):
+        L = len(ep["action"]) + 1  # frames: the last holds the final observation and a repeated action
+        cols["observation.state"].append(ep["state"])
+        cols["observation.tcp_pose"].append(ep["tcp_pose"])
+        cols["action"].append(np.concatenate([ep["action"], ep["action"][-1:]]))
+        cols["next.reward"].append(np.concatenate([ep["reward"], [0.0]]).astype(np.float32))
+        cols["next.done"].append(np.concatenate([d, [True]]))
+        cols["timestamp"].append((np.arange(L) / fps).astype(np.float32))
+        cols["frame_index"].append(np.arange(L))
+        cols["episode_index"].append(np.full(L, n))
+        cols["index"].append(np.arange(start, start + L))
+        cols["task_index"].append(np.zeros(L, np.int64))
+        ep_rows.append({"episode_index": n, "tasks": ["reach"], "length": L, "data/chunk_index": 0,
+                        "data/file_index": 0, "dataset_from_index": start, "dataset_to_index": start + L,
+                        "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
+        start += L
+
+    def column(parts):
+        x = np.concatenate(parts)
+        return pa.array(x) if x.ndim == 1 else pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+
+    root = tmp_path / "ds"
+    (root / "data/chunk-000").mkdir(parents=True)
+    (root / "meta/episodes/chunk-000").mkdir(parents=True)
+    # Rows shuffled in the file: the importer must order frames by frame_index, episodes by episode_index.
+    table = pa.table({k: column(v) for k, v in cols.items()})
+    table = table.take(pa.array(np.random.default_rng(0).permutation(start)))
+    pq.write_table(table, root / "data/chunk-000/file-000.parquet")
+    pq.write_table(pa.Table.from_pylist(ep_rows[::-1]), root / "meta/episodes/chunk-000/file-000.parquet")
+    pq.write_table(pa.table({"task_index": [0], "task": ["reach"]}), root / "meta/tasks.parquet")
+    vec = lambda name, n, dtype="float32": {"dtype": dtype, "shape": [n], "names": [f"{name}_{i}" for i in range(n)]}
+    scalar = lambda dtype: {"dtype": dtype, "shape": [1], "names": None}
+    info = {"codebase_version": "v3.0", "robot_type": "panda", "total_episodes": 2, "total_frames": start,
+            "total_tasks": 1, "chunks_size": 1000, "data_files_size_in_mb": 100, "video_files_size_in_mb": 500,
+            "fps": fps, "splits": {"train": "0:2"},
+            "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+            "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
+            "features": {"observation.state": vec("state", 10), "observation.tcp_pose": vec("tcp_pose", 7),
+                         "action": vec("action", 3), "next.reward": scalar("float32"), "next.done": scalar("bool"),
+                         "timestamp": scalar("float32"), "frame_index": scalar("int64"),
+                         "episode_index": scalar("int64"), "index": scalar("int64"), "task_index": scalar("int64")}}
+    (root / "meta/info.json").write_text(json.dumps(info, indent=4))
+
+    assert cli_main(["demos", "import", str(root), "--format", "lerobot", "--out", str(tmp_path / "back"),
+                     "--env", REACH_ID]) == 0
+    back = Dataset(tmp_path / "back")
+    assert len(back) == 2 and back.meta["env_id"] == REACH_ID and back.meta["fps"] == fps
+    for i, (ep, d) in enumerate(zip(eps, done)):
+        got = back.episode(i)
+        assert sorted(got["obs"]) == ["state", "tcp_pose"]
+        for key in ("state", "tcp_pose"):
+            np.testing.assert_array_equal(got["obs"][key], ep[key], err_msg=f"episode {i} {key}")
+        np.testing.assert_array_equal(got["action"], ep["action"])
+        np.testing.assert_array_equal(got["reward"], ep["reward"])
+        np.testing.assert_array_equal(got["terminated"], d)
+        assert got["truncated"].tolist() == [False] * (len(d) - 1) + [not d[-1]]
+        np.testing.assert_array_equal(got["timestamp"], (np.arange(len(d)) / fps).astype(np.float32))
