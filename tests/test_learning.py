@@ -43,7 +43,7 @@ def test_serl_from_states_lifts_the_cube_within_a_few_thousand_steps(tmp_path, o
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     successes = [success for _steps, _ret, success, _s in history["eval"]]
     # Within 4k steps the greedy policy lifts the cube and still holds it up at the last step in
-    # at least 2 of the 10 fixed evaluation episodes (seed 0 does so by ~2k steps).
+    # at least 2 of the 10 fixed evaluation episodes (seed 0 does so by ~2k steps; seed 1 reached 60% at 3k).
     assert max(successes) >= 0.2, history["eval"]
     # ... and an evaluation inside the loop reached the target, which stopped the run early.
     assert result["reached_target"] and result["env_steps"] < 4_000, (result, history["eval"])
