@@ -93,7 +93,7 @@ def test_recording_through_the_launch_file_replays_in_the_simulator(tmp_path):
         # physics the node ran in real time before the recorder read it (measured: 0.06 mm, 0.0017 of a
         # quaternion component).
         first = np.abs(ep["obs"]["tcp_pose"][0] - _direct_first(attrs["seed"]))
-        assert first[:3].max() < 1e-3 and first[3:].max() < 1e-2, first
+        assert first[:3].max() < 1e-3 and first[3:].max() < 1e-2, (k, first, log)
         # Recorded in real time, replayed in lockstep: a command can land a control period early or late,
         # so the tool path agrees to within two steps of motion (5 cm each here; measured 0.02-0.06).
         assert r.divergence["tcp_pose"] < 0.1, r.divergence

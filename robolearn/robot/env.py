@@ -132,8 +132,8 @@ class RobotEnv(gym.Env):
     def step(self, action):
         self.apply(action)
         self.arm.wait()
+        obs = self.observe()  # may raise StaleStateError: then this step did not happen
         self.elapsed_steps += 1
-        obs = self.observe()
         reward, success = self.task.score(self.arm)
         if self.cfg.reward_type == "sparse":
             reward = float(success)

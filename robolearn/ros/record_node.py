@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 import rclpy
 from rclpy.callback_groups import ReentrantCallbackGroup
@@ -34,7 +35,8 @@ PARAMS = {  # name: (default, description); docs/ros.md lists them
 
 
 class HoldWhenStale:
-    """RobotEnv.step that rides out a short stall of the robot's topics: hold, wait for fresh state, retry once."""
+    """RobotEnv.step that rides out stalls of the robot's topics: hold, wait for fresh state and step
+    again, for up to `timeout` s in all (a loaded machine stalled the simulator's topics twice in a row)."""
 
     def __init__(self, env, node, timeout: float):
         self.env, self.node, self.timeout = env, node, timeout
@@ -43,16 +45,24 @@ class HoldWhenStale:
         return getattr(self.env, name)
 
     def step(self, action):
+        return self._riding_out(lambda: self.env.step(action))
+
+    def reset(self, **kwargs):
+        return self._riding_out(lambda: self.env.reset(**kwargs))
+
+    def _riding_out(self, call):
         from robolearn.robot.interfaces import StaleStateError
         from robolearn.ros.ros_backend import wait_until
-        try:
-            return self.env.step(action)
-        except StaleStateError as err:
-            self.env.arm.hold()
-            self.node.get_logger().warning(f"holding: {err}; waiting up to {self.timeout:g} s for fresh state")
-            if not wait_until(self.node, lambda: robot_params.fresh(self.env.arm.read), self.timeout):
-                raise
-            return self.env.step(action)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return call()
+            except StaleStateError as err:
+                self.env.arm.hold()
+                left = deadline - time.monotonic()
+                self.node.get_logger().warning(f"holding: {err}; waiting up to {max(left, 0):.0f} s for fresh state")
+                if left <= 0 or not wait_until(self.node, lambda: robot_params.fresh(self.env.arm.read), left):
+                    raise
 
 
 class RecordNode(Node):

@@ -7,6 +7,7 @@ that fails validation is counted and logged, never used. No MuJoCo here (control
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -75,6 +76,15 @@ class _Topics:
 
     def received_after(self, t: float, *topics: str) -> bool:
         return all(self._newest.get(k, (None, None, -np.inf))[2] > t for k in topics or self._newest)
+
+    def stamped_after(self, stamp: float | None, t: float, *topics: str) -> bool:
+        """Every topic's newest message stamped at or after `stamp` (a message in flight when the
+        simulator reset carries an older stamp); by receipt after `t` where a stamp is missing."""
+        def after(item) -> bool:
+            if item is None:
+                return False
+            return item[1] >= stamp if stamp is not None and item[1] is not None else item[2] > t
+        return all(after(self._newest.get(k)) for k in topics)
 
     def close(self) -> None:
         for sub in self._subs:
@@ -241,7 +251,11 @@ class RosReset:
         if not response.success:
             raise RuntimeError(f"reset service {name} failed: {response.message}")
         t = time.monotonic()
-        fresh = lambda: self.arm.received_after(t, *self.arm.topics) and (  # noqa: E731
+        try:  # sim_robot_node answers {"seed", "stamp", "info"}: the state to wait for is stamped after it
+            stamp = float(json.loads(response.message)["stamp"])
+        except (ValueError, TypeError, KeyError):
+            stamp = None
+        fresh = lambda: self.arm.stamped_after(stamp, t, *self.arm.topics) and (  # noqa: E731
             self.task is None or self.task.received_after(t, self.task.topics[0]))
         if not wait_until(self.node, fresh, self.timeout):
             raise TimeoutError(f"no robot state arrived within {self.timeout:.0f} s after the reset")
