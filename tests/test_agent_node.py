@@ -1,6 +1,6 @@
 """The agent node on real DDS (loopback, a random domain) against a fake robot speaking the sim's topics.
 
-In-process tests share one MultiThreadedExecutor; two subprocess runs check `python -m` start-up,
+In-process tests share one executor (common.executor, as the node's main uses); two subprocess runs check `python -m` start-up,
 episode counting and the log of a refused checkpoint. Assertions are on event order and content.
 """
 
@@ -28,7 +28,6 @@ pytestmark = pytest.mark.flaky(reruns=2, reruns_delay=1)
 from geometry_msgs.msg import PoseStamped, TwistStamped  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rclpy.context import Context  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
@@ -141,12 +140,11 @@ def ros():
     domain = random.randint(20, 200)
     context = Context()
     rclpy.init(context=context, domain_id=domain)
-    from robolearn.ros.agent_node import spin
-    executor = MultiThreadedExecutor(num_threads=4, context=context)
+    executor = common.executor(threads=4, context=context)
     fake = FakeRobot(context)
     executor.add_node(fake)
     stop = threading.Event()
-    thread = threading.Thread(target=spin, args=(executor, stop, fake.get_logger()), daemon=True)
+    thread = threading.Thread(target=common.spin, args=(executor, stop, fake.get_logger()), daemon=True)
     thread.start()
     yield context, executor, fake, domain
     stop.set()

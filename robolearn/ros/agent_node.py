@@ -21,7 +21,6 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.duration import Duration
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
@@ -270,7 +269,7 @@ class AgentNode(LifecycleNode):
         self.get_logger().info(f"episode {self.episodes}: reset with seed {seed}")
         if self._control_timers:  # restart the period grid after the blocking reset
             self._control_timers[0].regrid()
-        self._last_tick = time.monotonic()
+        self._last_tick = None  # an episode's first tick follows a reset, not a period: it reports no interval
 
     def _step(self, start: float) -> tuple[float, float] | None:
         """Observe, act, command; returns (observation-to-command latency, receipt-to-command) when commanded."""
@@ -391,25 +390,15 @@ class AgentNode(LifecycleNode):
         self.diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
 
 
-def spin(executor, stop: threading.Event, logger) -> None:
-    """executor.spin() that outlives an entity destroyed mid-wait (cleanup) or a callback's exception: both
-    end rclpy's own spin, which would leave the node deaf, the watchdog and e-stop included."""
-    while not stop.is_set() and executor.context.ok():
-        try:
-            executor.spin_once(timeout_sec=0.1)
-        except Exception as err:
-            logger.error(f"executor: {err!r}", throttle_duration_sec=1.0)
-
-
 def main(argv=None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning threads starve a shared machine
     sys.setswitchinterval(0.0005)  # a ready timer thread waits at most this for the GIL (default 5 ms)
     rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)  # we hold the arm before exiting
     node = AgentNode()
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = common.executor(threads=4)
     executor.add_node(node)
     stop = threading.Event()
-    spinner = threading.Thread(target=spin, args=(executor, stop, node.get_logger()), daemon=True)
+    spinner = threading.Thread(target=common.spin, args=(executor, stop, node.get_logger()), daemon=True)
     spinner.start()
     for sig in (signal.SIGINT, signal.SIGTERM):  # a stop is the normal end of `episodes:=0`: exit 0
         signal.signal(sig, lambda *_: node.finished.set())

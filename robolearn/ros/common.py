@@ -6,6 +6,8 @@ drivers the nodes stand in for (ros2_control, franka_ros2); ../../docs/ros.md li
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from builtin_interfaces.msg import Time
 from geometry_msgs.msg import PoseStamped, TwistStamped
@@ -92,6 +94,36 @@ def select_joints(msg: JointState, names, where: str) -> tuple[np.ndarray, np.nd
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"{where}: JointState.{field} is not finite: {arr.tolist()}")
     return pos, vel
+
+
+def executor(threads: int = 2, context=None):
+    """The executor for a node whose own thread does the real work while subscriptions keep its newest messages.
+
+    rclpy's EventsExecutor (C++, rclpy >= kilted) where it exists: under a MultiThreadedExecutor the
+    agent node spent 0.96 of a core waiting on ~600 state messages/s and its control thread queued
+    for the GIL (jitter p99 10-20 ms); under this one, 0.13 of a core (bench/control_loop.py,
+    docs/benchmarks.md). An older system rclpy (humble, jazzy) falls back to `threads` worker threads.
+    """
+    try:
+        from rclpy.experimental import EventsExecutor
+    except ImportError:
+        from rclpy.executors import MultiThreadedExecutor
+        return MultiThreadedExecutor(num_threads=threads, context=context)
+    return EventsExecutor(context=context)
+
+
+def spin(executor, stop: threading.Event, logger) -> None:
+    """Spin until `stop` is set, for a thread of its own beside the node's work.
+
+    Not executor.spin(): an entity destroyed mid-wait (cleanup) or a callback's exception ends rclpy's
+    own spin and leaves the node deaf, the watchdog and e-stop included; and the EventsExecutor's
+    spin() deadlocks a thread that creates a subscription meanwhile (record_node hung at full CPU),
+    where spin_once does not."""
+    while not stop.is_set() and executor.context.ok():
+        try:
+            executor.spin_once(timeout_sec=0.1)
+        except Exception as err:
+            logger.error(f"executor: {err!r}", throttle_duration_sec=1.0)
 
 
 def isolated_env(base: dict | None = None) -> dict:

@@ -15,10 +15,9 @@ import time
 
 import rclpy
 from rclpy.callback_groups import ReentrantCallbackGroup
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 
-from robolearn.ros import robot_params
+from robolearn.ros import common, robot_params
 
 PARAMS = {  # name: (default, description); docs/ros.md lists them
     "out": ("", "dataset folder: created, or appended to when it holds the same env id"),
@@ -111,9 +110,10 @@ def main(argv=None) -> int:
         print(f"record_node: {err}", file=sys.stderr)
         rclpy.try_shutdown()
         return 2
-    executor = MultiThreadedExecutor(num_threads=2)
+    executor = common.executor(threads=2)
     executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
+    stop = threading.Event()
+    spinner = threading.Thread(target=common.spin, args=(executor, stop, node.get_logger()), daemon=True)
     spinner.start()
     try:
         code = record(node)
@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     except (ValueError, TimeoutError, OSError) as err:
         node.get_logger().error(str(err))
         code = 2
+    stop.set()
+    spinner.join(timeout=5.0)
     executor.shutdown(timeout_sec=1.0)
     node.destroy_node()
     rclpy.try_shutdown()

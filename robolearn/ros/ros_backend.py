@@ -1,6 +1,6 @@
 """The ROS 2 backends of the robot interfaces: `RosArm`, `RosCamera`, `RosTask`, `RosReset`.
 
-Given an rclpy node spun by a MultiThreadedExecutor, `RobotEnv(RosArm, RosTask, RosReset, cfg,
+Given an rclpy node spun by an executor (common.executor), `RobotEnv(RosArm, RosTask, RosReset, cfg,
 cameras)` is the env the simulator uses too. Each part keeps the newest valid message; a message
 that fails validation is counted and logged, never used. No MuJoCo here (controllers.safety is numpy).
 """
