@@ -29,7 +29,6 @@ STEPS = 12
 
 def _teleop(env: dict, stop: threading.Event, start_presses: threading.Event) -> None:
     """Twist toward +x/+z at 20 Hz; press the start button whenever the recorder waits for it."""
-    import os
     old = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_LOCALHOST_ONLY", "ROS_AUTOMATIC_DISCOVERY_RANGE")}
     ctx = rclpy.Context()
     os.environ.update({k: env[k] for k in old})
