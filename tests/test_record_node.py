@@ -28,7 +28,9 @@ STEPS = 12
 
 
 def _teleop(env: dict, stop: threading.Event, start_presses: threading.Event) -> None:
-    """Twist toward +x/+z at 20 Hz; press the start button whenever the recorder waits for it."""
+    """Twist toward +x/+z at 20 Hz; press the start button while the recorder waits for it, again every
+    2 s until it starts recording (a press made before DDS matched the recorder's subscription is lost:
+    the recorder may ask before discovery completes on a loaded machine)."""
     old = {k: os.environ.get(k) for k in ("ROS_DOMAIN_ID", "ROS_LOCALHOST_ONLY", "ROS_AUTOMATIC_DISCOVERY_RANGE")}
     ctx = rclpy.Context()
     os.environ.update({k: env[k] for k in old})
@@ -38,13 +40,13 @@ def _teleop(env: dict, stop: threading.Event, start_presses: threading.Event) ->
     finally:
         os.environ.update({k: v for k, v in old.items() if v is not None})
     twist, joy = node.create_publisher(TwistStamped, "teleop/twist", 10), node.create_publisher(Joy, "teleop/joy", 10)
-    t = 0
+    t, next_press = 0, 0.0
     while not stop.is_set():
         msg = TwistStamped()
         msg.twist.linear.x, msg.twist.linear.z = 0.5, 0.3 * np.sin(t / 5.0)
         twist.publish(msg)
-        if start_presses.is_set():  # a button edge: pressed then released
-            start_presses.clear()
+        if start_presses.is_set() and time.monotonic() > next_press:  # a button edge: pressed then released
+            next_press = time.monotonic() + 2.0
             for pressed in (1, 0):
                 joy.publish(Joy(buttons=[pressed] + [0] * 7))
                 time.sleep(0.1)
@@ -72,8 +74,10 @@ def test_recording_through_the_launch_file_replays_in_the_simulator(tmp_path):
     def read() -> None:  # the recorder says how to start each episode; the test presses the button
         for line in launcher.stdout:
             lines.append(line)
-            if "to start episode" in line:
+            if "to start episode" in line or "to re-record episode" in line:
                 press.set()
+            elif ": recording (seed" in line:
+                press.clear()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
