@@ -9,7 +9,9 @@ For every tick that sends a command the node reports: the interval since the pre
 = |interval - period|), the tick's compute time, the latency from the header stamp of the
 joint_states its observation used to the publish of the command (on the node's clock: wall time,
 as the simulator stamps without use_sim_time), and the same measured from that message's receipt.
-`missed_deadlines` is the node's own count over the window. The last stdout line is one JSON object.
+`missed_deadlines` is the node's own count over the window. `reference_sleeper` is a bare Python
+process sleeping to the same period grid at normal priority in the same window: the machine's own
+wake-up noise (a VM's stolen time included). The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -69,9 +71,32 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def listen(domain: int, seconds: float, warmup: float, procs) -> tuple[np.ndarray, float, dict, dict, list]:
+SLEEPER = """
+import json, sys, time
+period, seconds = float(sys.argv[1]), float(sys.argv[2])
+late, due = [], time.monotonic()
+end = due + seconds
+while due < end:
+    due += period
+    time.sleep(max(0.0, due - time.monotonic()))
+    late.append((time.monotonic() - due) * 1e3)
+late.sort()
+print(json.dumps({"jitter_p50_ms": round(late[len(late) // 2], 3), "jitter_p99_ms": round(late[int(len(late) * 0.99)], 3),
+                  "jitter_max_ms": round(late[-1], 3)}))
+"""
+
+
+def start_reference(period: float, seconds: float) -> subprocess.Popen:
+    """A bare Python process sleeping to the same period grid at normal priority, over the same window:
+    the wake-up noise of the machine itself (a VM's stolen time included), to read the node's figures against."""
+    return subprocess.Popen([sys.executable, "-c", SLEEPER, str(period), str(seconds)], stdout=subprocess.PIPE, text=True)
+
+
+def listen(domain: int, seconds: float, warmup: float, procs, period: float) -> tuple[np.ndarray, float, dict, dict,
+                                                                                   list, dict]:
     """Timing rows of `seconds` after `warmup` s of ticks, the node's missed-deadline count before them,
-    the diagnostics at the start and the end of the window, and each process's CPU share in it."""
+    the diagnostics at the start and the end of the window, each process's CPU share in it, and the
+    reference sleeper's figures over the same window (start_reference)."""
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.context import Context
@@ -99,25 +124,29 @@ def listen(domain: int, seconds: float, warmup: float, procs) -> tuple[np.ndarra
         time.sleep(warmup)
         first, missed_before, diag_start = len(rows), rows[-1][4], dict(diag)
         cpu0 = [cpu_seconds(p.pid) for p in procs]
+        sleeper = start_reference(period, seconds)
         time.sleep(seconds)
         cpu = [round((cpu_seconds(p.pid) - c) / seconds, 3) for p, c in zip(procs, cpu0)]
-        return np.array(rows[first:]), missed_before, diag_start, dict(diag), cpu
+        reference = json.loads(sleeper.communicate(timeout=30)[0].strip().splitlines()[-1])
+        return np.array(rows[first:]), missed_before, diag_start, dict(diag), cpu, reference
     finally:
         executor.shutdown()
         node.destroy_node()
         rclpy.shutdown(context=context)
 
 
-def run_rate(hz: float, seconds: float, state_hz: float, checkpoint: str, logs: Path, save_rows: bool) -> dict:
+def run_rate(hz: float, seconds: float, state_hz: float, checkpoint: str, logs: Path, save_rows: bool,
+             priority: int = 20) -> dict:
     from robolearn.ros.common import isolated_env
     env = {**isolated_env(), "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}  # a shared machine
     os.environ.update({k: v for k, v in env.items() if k.startswith("ROS_")})  # this process listens on loopback too
     sim = start("robolearn.ros.sim_robot_node", env, logs / f"sim_{hz:g}hz.log", f"env_id:={ENV_ID}",
                 f"publish_rate_hz:={state_hz}")
     agent = start("robolearn.ros.agent_node", env, logs / f"agent_{hz:g}hz.log", f"checkpoint:={checkpoint}",
-                  f"control_hz:={hz}", "publish_timing:=true")
+                  f"control_hz:={hz}", "publish_timing:=true", f"thread_priority:={priority}")
     try:
-        rows, missed_before, d0, d1, cpu = listen(int(env["ROS_DOMAIN_ID"]), seconds, 2.0, (sim, agent))
+        rows, missed_before, d0, d1, cpu, reference = listen(int(env["ROS_DOMAIN_ID"]), seconds, 2.0, (sim, agent),
+                                                  1.0 / hz)
     finally:
         codes = stop(agent), stop(sim)
     period = 1.0 / hz
@@ -134,6 +163,7 @@ def run_rate(hz: float, seconds: float, state_hz: float, checkpoint: str, logs: 
             "compute_p50_ms": pct(compute * 1e3, 50), "compute_p99_ms": pct(compute * 1e3, 99),
             "commanded_ticks": len(rows), "expected_ticks": int(seconds * hz), "stale_holds": delta("stale"),
             "episodes": delta("episodes"), "cpu_cores": {"sim": cpu[0], "agent": cpu[1]},
+            "reference_sleeper": reference,
             "sim_real_time_factor": float(d1.get("sim_robot: physics", {}).get("real_time_factor", "nan")),
             "exit_codes": {"agent": codes[0], "sim": codes[1]}}
 
@@ -143,6 +173,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="measured window per rate")
     parser.add_argument("--rates", type=float, nargs="+", default=[10.0, 50.0], help="control rates, Hz")
     parser.add_argument("--state-hz", type=float, default=100.0, help="sim_robot_node publish_rate_hz")
+    parser.add_argument("--thread-priority", type=int, default=20, help="agent_node thread_priority (SCHED_FIFO "
+                        "priority of its control thread; 0: normal scheduling)")
     parser.add_argument("--logs", type=Path, default=None, help="keep the nodes' logs and the timing rows "
                         "(timing_<rate>hz.npy) here")
     args = parser.parse_args()
@@ -152,11 +184,12 @@ def main() -> None:
         logs.mkdir(parents=True, exist_ok=True)
         result = {"robot": "sim_robot_node", "env_id": ENV_ID, "state_hz": args.state_hz, "seconds": args.seconds,
                   "busy_cores_before": None if busy is None else round(busy, 2),
-                  "load_avg_1min": round(os.getloadavg()[0], 2), "goal": GOAL}
+                  "load_avg_1min": round(os.getloadavg()[0], 2), "thread_priority": args.thread_priority, "goal": GOAL}
         for hz in args.rates:
             checkpoint = make_checkpoint(Path(tmp), hz)
             print(f"{hz:g} Hz: measuring {args.seconds:g} s (logs in {logs})", flush=True)
-            result[f"{hz:g}hz"] = r = run_rate(hz, args.seconds, args.state_hz, checkpoint, logs, args.logs is not None)
+            result[f"{hz:g}hz"] = r = run_rate(hz, args.seconds, args.state_hz, checkpoint, logs, args.logs is not None,
+                                                args.thread_priority)
             print(f"{hz:g} Hz: jitter p99 {r['jitter_p99_ms']} ms, max {r['jitter_max_ms']} ms, missed "
                   f"{r['missed_deadlines']}, latency p99 {r['latency_p99_ms']} ms", flush=True)
     print(json.dumps(result))

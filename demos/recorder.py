@@ -18,6 +18,7 @@ from typing import Callable, Sequence, TextIO
 import numpy as np
 
 from robolearn.demos.dataset import robot_state
+from robolearn.rollout import reset_policy
 from robolearn.demos.teleop import DISCARD, FAILURE, QUIT, START_STOP, SUCCESS, TeleopDevice, TeleopInput
 
 
@@ -110,6 +111,7 @@ class Recorder:
         self._ep_start = time.monotonic()
         seed = self.cfg.seed + self.writer.next_index
         self.obs, _ = self.env.reset(seed=seed)
+        reset_policy(self.policy)  # an agent with a history or action chunks starts afresh
         attrs = {"seed": seed, "device": self.device.name, "mode": self.mode}
         if self.policy_name:
             attrs["policy"] = self.policy_name

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from robolearn.agents import registry
+
 
 def cmd_envs(args) -> int:
     from rich.console import Console
@@ -188,7 +190,7 @@ def _record_policy(name: str | None, env):
                                 "nor a checkpoint directory")
     from robolearn.train import load_agent
     agent, _ = load_agent(name, env)
-    return (lambda obs: agent.act(obs, explore=False)), str(name)
+    return rollout.AgentPolicy(agent), str(name)
 
 
 def cmd_record(args) -> int:
@@ -320,9 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("train", help="train an agent in simulation",
-                       description="Train DrQ-v2 or SERL (RLPD) in a task. Writes TensorBoard logs, checkpoints "
+                       description="Train an agent (DrQ-v2, SERL/RLPD, or a diffusion policy by behaviour cloning "
+                                   "from --demos) in a task. Writes TensorBoard logs, checkpoints "
                                    "(safetensors + JSON), a learning-curve PNG and an eval video under --out.")
-    p.add_argument("--agent", choices=["drqv2", "serl"], required=True)
+    p.add_argument("--agent", choices=registry.names(), required=True,
+                   help="diffusion learns from --demos alone, and --frames counts its updates")
     p.add_argument("--env", required=True, help="env id (see `robolearn envs`), or any gymnasium id registered "
                                                 "through --import-module or given as PKG:Id (docs/training.md)")
     p.add_argument("--demos", help="episode dataset directory for the demo buffer (50/50 sampling)")

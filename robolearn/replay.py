@@ -386,6 +386,53 @@ class ReplayBuffer:
         """A batch of torch tensors on the buffer's device (see robolearn/agents/base.py)."""
         return batch_to_torch(self.sample_arrays(batch_size, rng), self.device)
 
+    # -- windows (chunked policies) ---------------------------------------------------------
+    def _along(self, idx: np.ndarray, offsets: range, need_action: bool) -> np.ndarray:
+        """Slots at `offsets` steps from each slot in `idx` (B, len(offsets)), along its own episode:
+        an offset before the episode's first slot (or its oldest kept one) gives that slot; one past
+        its last action (`need_action`) or its last observation gives that one."""
+        C, ep, step = self.capacity, self._episode[idx], self._step[idx]
+        cols = {0: idx}
+        for sign in (-1, 1):
+            prev, alive = idx, np.ones(len(idx), bool)
+            for d in range(1, max([sign * o for o in offsets] + [0]) + 1):
+                cand = (idx + sign * d) % C
+                alive &= (self._episode[cand] == ep) & (self._step[cand] == step + sign * d)
+                if need_action:
+                    alive &= self._has_action[cand]
+                prev = cols[sign * d] = np.where(alive, cand, prev)
+        return np.stack([cols[o] for o in offsets], axis=1)
+
+    def window_arrays(self, idx: np.ndarray, obs_horizon: int, action_horizon: int) -> dict:
+        """Windows around the steps at slots `idx`, as Diffusion Policy trains on them:
+        obs[key] (B, obs_horizon, ...) for steps t-obs_horizon+1 .. t (images uint8 HWC), and
+        action (B, action_horizon, A) for steps t-obs_horizon+1 .. t-obs_horizon+action_horizon;
+        before the episode's start the first observation and action repeat, past its end the last
+        action repeats. Also reward and terminated (B, action_horizon) along the same steps (0 and
+        False where padded past the end), and intervention at t."""
+        idx = np.asarray(idx, np.int64)
+        first = -(obs_horizon - 1)
+        obs_slots = self._along(idx, range(first, 1), need_action=False)
+        act_slots = self._along(idx, range(first, first + action_horizon), need_action=True)
+        obs = {}
+        for key, store in self._obs.items():
+            value = store[obs_slots]  # (B, To, ...)
+            obs[key] = value.transpose(0, 1, 3, 4, 2) if key in self.image_keys else value
+        step = self._step[idx][:, None] + np.arange(first, first + action_horizon)[None, :]
+        real = self._step[act_slots] == step  # not a repeat of the first or last action
+        return {"obs": obs, "action": self._action[act_slots],
+                "reward": np.where(real, self._reward[act_slots], 0.0).astype(np.float32),
+                "terminated": real & self._terminated[act_slots], "intervention": self._intervention[idx]}
+
+    def sample_windows(self, batch_size: int, obs_horizon: int, action_horizon: int,
+                       rng: np.random.Generator | None = None) -> dict:
+        """A batch of windows (see window_arrays) at uniformly drawn steps, as torch tensors."""
+        if self.frame_stack != 1:
+            raise ValueError(f"ReplayBuffer: windows need frame_stack=1 (the window is the history), "
+                             f"got {self.frame_stack}")
+        return batch_to_torch(self.window_arrays(self.sample_indices(batch_size, rng), obs_horizon,
+                                                 action_horizon), self.device)
+
     # -- demonstrations ------------------------------------------------------------------------
     @classmethod
     def from_dataset(cls, dataset: Dataset | str | os.PathLike, observation_space=None, action_space=None,
@@ -512,6 +559,12 @@ def load_dataset(buffer: ReplayBuffer, dataset: Dataset | str | os.PathLike) -> 
                            ep["intervention"])
 
 
+def _concat(parts: list[dict]) -> dict:
+    """Batches (nested dicts of arrays) joined along the batch axis."""
+    return {k: _concat([p[k] for p in parts]) if isinstance(v, dict) else np.concatenate([p[k] for p in parts])
+            for k, v in parts[0].items()}
+
+
 class MixedReplay:
     """Online + demo buffers; each batch takes round(batch * demo_ratio) transitions from the demos.
 
@@ -590,6 +643,14 @@ class MixedReplay:
     def sample(self, batch_size: int, rng: np.random.Generator | None = None) -> dict:
         """Demo transitions first, then online ones, as one batch on the online buffer's device."""
         return batch_to_torch(self.sample_arrays(batch_size, rng), self.device)
+
+    def sample_windows(self, batch_size: int, obs_horizon: int, action_horizon: int,
+                       rng: np.random.Generator | None = None) -> dict:
+        """Windows (ReplayBuffer.window_arrays), demo ones first, in the split of `sample`."""
+        n_demo, n_online = self.split(batch_size)
+        parts = [buf.window_arrays(buf.sample_indices(n, rng), obs_horizon, action_horizon)
+                 for buf, n in ((self.demo, n_demo), (self.online, n_online)) if n]
+        return batch_to_torch(_concat(parts), self.device)
 
     def save(self, path: str | os.PathLike) -> None:
         """Both buffers in one HDF5 file (groups online/ and demo/), written atomically."""

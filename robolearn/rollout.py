@@ -52,6 +52,20 @@ def warn_unreported(env, key: str | None, episodes: int) -> None:
                   f"set success_key (--success-key) to the info key it reports success under", stacklevel=3)
 
 
+class AgentPolicy:
+    """An agent as a rollout policy: its actions (deterministic unless `explore`), and its reset()
+    at each episode start, so an agent with a history or action chunks starts each episode afresh."""
+
+    def __init__(self, agent, explore: bool = False):
+        self.agent, self.explore = agent, explore
+
+    def __call__(self, obs):
+        return self.agent.act(obs, explore=self.explore)
+
+    def reset(self) -> None:
+        reset_policy(self.agent)
+
+
 def reset_policy(policy) -> None:
     """Tell a stateful policy a new episode began: its `reset()`, if it has one."""
     reset = getattr(policy, "reset", None)

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from robolearn import checkpoint as ckpt_io
+from robolearn.agents import registry
 from robolearn.agents.errors import NonFiniteLossError
 from robolearn.replay import MixedReplay, ReplayBuffer
-from robolearn.rollout import SUCCESS_KEY, episode_success, make_env, run_episodes
+from robolearn.rollout import SUCCESS_KEY, AgentPolicy, episode_success, make_env, run_episodes
 
 
 @dataclass
@@ -123,17 +124,18 @@ def _plain(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def make_agent_config(name: str, overrides: dict, seed: int, action_repeat: int = 1, saved: dict | None = None):
-    """The agent config: the defaults (and the env's action repeat for drqv2), or a checkpoint's
+def make_agent_config(name: str, overrides: dict, seed: int, env=None, saved: dict | None = None):
+    """The agent config: the defaults (and what the env decides, e.g. DrQ-v2's action repeat), or a checkpoint's
     `saved` one, with --set `overrides`. Every value is checked against its field's type and range;
     on a saved config only RESUME_SAFE fields may change. ValueError names the option."""
-    _, cfg_cls = agent_classes(name)
+    spec = registry.get(name)
+    cfg_cls = spec.config_cls
     hints = typing.get_type_hints(cfg_cls)
     unknown = set(overrides) - set(hints)
     if unknown:
         raise ValueError(f"{name}: unknown agent option(s) {sorted(unknown)}; valid: {sorted(hints)}")
     if saved is None:
-        base = {**asdict(cfg_cls()), "seed": seed, **({"action_repeat": action_repeat} if name == "drqv2" else {})}
+        base = {**asdict(cfg_cls()), "seed": seed, **spec.env_defaults(env)}
     else:
         base = dict(saved)
         fixed = sorted(k for k, v in overrides.items() if k not in RESUME_SAFE and _plain(v) != _plain(saved.get(k)))
@@ -154,36 +156,15 @@ def make_agent_config(name: str, overrides: dict, seed: int, action_repeat: int 
                          f"({merged['log_std_max']})")
     return cfg_cls.from_dict(merged)
 
-def agent_classes(name: str):
-    if name == "serl":
-        from robolearn.agents.serl import SERLAgent, SERLConfig
-        return SERLAgent, SERLConfig
-    if name == "drqv2":
-        from robolearn.agents.drqv2 import DrQV2Agent, DrQV2Config
-        return DrQV2Agent, DrQV2Config
-    raise ValueError(f"unknown agent {name!r}; valid: drqv2, serl")
-
-
 def build_agent(name: str, env, overrides: dict, seed: int, agent_config: dict | None = None):
     """An agent for env's spaces; agent_config (agent.config_dict() from a checkpoint) wins over defaults,
     and overrides over both (see make_agent_config)."""
-    agent_cls, _ = agent_classes(name)
-    cfg = make_agent_config(name, overrides, seed, getattr(env.unwrapped, "action_repeat", 1),
-                            None if agent_config is None else agent_config["config"])
-    return agent_cls(env.observation_space, env.action_space, cfg), cfg
+    cfg = make_agent_config(name, overrides, seed, env, None if agent_config is None else agent_config["config"])
+    return registry.get(name).agent_cls(env.observation_space, env.action_space, cfg), cfg
 
 
-def loop_params(name: str, cfg, env) -> dict:
-    """Per-agent cadence: batch per update call, updates every k steps, n-step, gamma, stacking."""
-    if name == "serl":
-        return {"batch": cfg.batch_size * cfg.utd_ratio, "every": 1, "nstep": cfg.nstep, "gamma": cfg.gamma,
-                "frame_stack": cfg.frame_stack, "seed_steps": 0}
-    return {"batch": cfg.batch_size, "every": cfg.update_every_steps, "nstep": cfg.nstep,
-            "gamma": cfg.discount, "frame_stack": getattr(env.unwrapped, "frame_stack", 1),
-            "seed_steps": cfg.num_seed_steps}
-
-
-def make_replay(cfg: TrainConfig, env, params: dict):
+def make_replay(cfg: TrainConfig, env, params: dict, offline: bool = False):
+    """The online buffer, mixed 50/50 with the --demos buffer when given; the demos alone when `offline`."""
     online = ReplayBuffer(cfg.replay_capacity, env.observation_space, env.action_space,
                           frame_stack=params["frame_stack"], nstep=params["nstep"], gamma=params["gamma"])
     if not cfg.demos:
@@ -193,9 +174,21 @@ def make_replay(cfg: TrainConfig, env, params: dict):
     # Damaged episodes (no steps, non-finite values, wrong shapes, bad checksums) are skipped with a warning
     # naming them, not found later as a NaN loss; a dataset left with none is an error naming it.
     demos = Dataset(cfg.demos).require_episodes("for --demos")
+    if "obs_horizon" in params:
+        check_demo_lengths(demos, params)
     demo = ReplayBuffer.from_dataset(demos, env.observation_space, env.action_space,
                                      frame_stack=params["frame_stack"], nstep=params["nstep"], gamma=params["gamma"])
-    return MixedReplay(online, demo, demo_ratio=0.5)
+    return demo if offline else MixedReplay(online, demo, demo_ratio=0.5)
+
+
+def check_demo_lengths(demos, params: dict) -> None:
+    """A window agent conditions on obs_horizon observations: an episode with fewer steps has no real
+    history to learn from (shorter chunks are fine: windows repeat the last action past the end).
+    ValueError names the first such episode."""
+    need = params["obs_horizon"]
+    for path, n in zip(demos.paths, demos.lengths):
+        if n < need:
+            raise ValueError(f"--demos: episode {path} has {n} steps, fewer than the agent's obs_horizon {need}")
 
 
 # -- evaluation ------------------------------------------------------------------------------
@@ -204,7 +197,7 @@ def evaluate(agent, env, episodes: int, seed: int = 1_000_000, record: bool = Fa
              success_key: str | None = SUCCESS_KEY):
     """Deterministic-policy episodes on fixed seeds: (success rate, mean return, frames of episode 0).
     An env that never reports info[success_key] is named in a warning (robolearn.rollout.warn_unreported)."""
-    res = run_episodes(env, lambda obs: agent.act(obs, explore=False), episodes, seed=seed,
+    res = run_episodes(env, AgentPolicy(agent), episodes, seed=seed,
                        video_episode=0 if record else None, success_key=success_key)
     return res.success_rate, float(np.mean(res.returns)), res.frames
 
@@ -223,6 +216,8 @@ class Trainer:
         """env_factory: builds the training and the eval env (called twice) instead of cfg.env; checkpoints
         then name the env by its gymnasium id, or "module:Class" without one. Contract: docs/training.md."""
         check_train_config(cfg)
+        if registry.get(cfg.agent).offline and not cfg.demos:
+            raise ValueError(f"--agent {cfg.agent} learns from demonstrations: pass --demos PATH")
         self.governor = governor  # a robolearn.cpu.ThreadGovernor re-choosing torch's threads, or None
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
@@ -257,13 +252,16 @@ class Trainer:
         else:
             if (self.ckpt_dir / "latest.json").exists() or any(self.ckpt_dir.glob("step_*")):
                 raise ValueError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
-            self.agent, self.agent_cfg = build_agent(cfg.agent, self.env, cfg.agent_overrides, cfg.seed)
-        self.params = loop_params(cfg.agent, self.agent_cfg, self.env)
+            overrides = {**registry.get(cfg.agent).run_defaults(math.ceil(cfg.frames / self.repeat)),
+                         **cfg.agent_overrides}
+            self.agent, self.agent_cfg = build_agent(cfg.agent, self.env, overrides, cfg.seed)
+        self.spec = registry.get(cfg.agent)
+        self.params = self.spec.loop_params(self.agent_cfg, self.env)
         if cfg.seed_steps is not None:
             self.params["seed_steps"] = cfg.seed_steps
-        elif cfg.agent == "serl" and not cfg.demos:
-            self.params["seed_steps"] = 1_000  # without demos the critic first needs some coverage
-        self.replay = make_replay(cfg, self.env, self.params)
+        elif not cfg.demos:
+            self.params["seed_steps"] = max(self.params["seed_steps"], self.spec.seed_steps_without_demos)
+        self.replay = make_replay(cfg, self.env, self.params, offline=self.spec.offline)
         if state is not None:
             self._restore(ckpt, state)
 
@@ -289,7 +287,8 @@ class Trainer:
         config = {**self._spec(), "agent_config": self.agent.config_dict(), "train_config": asdict(self.cfg)}
         state = {"step": self.step, "episode": self.episode, "rng": self.rng.bit_generator.state,
                  "history": self.history}
-        extra = {"replay.h5": self.replay.save} if self.cfg.save_replay else {}
+        # An offline run's replay is its --demos, read again on --resume.
+        extra = {"replay.h5": self.replay.save} if self.cfg.save_replay and not self.spec.offline else {}
         path = ckpt_io.save_checkpoint(self.ckpt_dir, self.step, weights, config, state, extra)
         self.saved = (self.step, path)
         return path
@@ -306,83 +305,129 @@ class Trainer:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from torch.utils.tensorboard import SummaryWriter
 
-        cfg, p = self.cfg, self.params
-        total_steps = math.ceil(cfg.frames / self.repeat)
-        writer = SummaryWriter(str(self.out / "tb"))
-        recent = deque(maxlen=20)
-        next_eval = (self.step // cfg.eval_every + 1) * cfg.eval_every
-        next_ckpt = (self.step // cfg.checkpoint_every + 1) * cfg.checkpoint_every
-        obs, _ = self.env.reset(seed=int(self.rng.integers(2**31)))
-        self.replay.add_first(obs)
-        ep_return, t_start, steps_start = 0.0, time.perf_counter(), self.step
-        result = {"reached_target": False}
-        columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                   TextColumn("{task.fields[fps]:.0f} fps"), TextColumn("return {task.fields[ret]:.2f}"),
-                   TextColumn("success {task.fields[succ]:.0%}"), TextColumn("eval {task.fields[ev]}"),
+        cfg = self.cfg
+        self._writer = SummaryWriter(str(self.out / "tb"))
+        self._next_eval = (self.step // cfg.eval_every + 1) * cfg.eval_every
+        self._next_ckpt = (self.step // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+        self._t_start, result = time.perf_counter(), {"reached_target": False}
+        unit = "updates" if self.spec.offline else "steps"
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} " + unit),
+                   TextColumn("{task.fields[fps]:.0f} " + ("updates/s" if self.spec.offline else "fps")),
+                   TextColumn("{task.fields[stat]}"), TextColumn("eval {task.fields[ev]}"),
                    TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=self.console, transient=False) as progress:
-            bar = progress.add_task(f"{cfg.agent} {cfg.env}", total=total_steps, completed=self.step,
-                                    fps=0.0, ret=0.0, succ=0.0, ev="-")
-            while self.step < total_steps:
-                if self.governor is not None:
-                    self.governor.check()
-                if self.step < p["seed_steps"]:
-                    action = self.rng.uniform(-1, 1, self.env.action_space.shape).astype(np.float32)
-                else:
-                    with torch.no_grad():
-                        action = self.agent.act(obs, explore=True)
-                obs, reward, terminated, truncated, info = self.env.step(action)
-                self.replay.add(action, reward, obs, terminated, truncated)
-                ep_return += reward
-                self.step += 1
-                if self.step >= p["seed_steps"] and self.step % p["every"] == 0 and len(self.replay) >= 1:
-                    batch = self.replay.sample(p["batch"], self.rng)
-                    metrics = self.agent.update(batch, self.step)
-                    if self.step % 250 == 0:
-                        for k, v in metrics.items():
-                            writer.add_scalar(f"train/{k}", v, self.step * self.repeat)
-                if terminated or truncated:
-                    self.episode += 1
-                    success = episode_success(info, cfg.success_key)
-                    recent.append((ep_return, success))
-                    self.history["train"].append([self.step * self.repeat, ep_return, success])
-                    writer.add_scalar("episode/return", ep_return, self.step * self.repeat)
-                    writer.add_scalar("episode/success", float(success), self.step * self.repeat)
-                    if self.step >= next_eval:
-                        next_eval += cfg.eval_every
-                        rate, ret, _ = evaluate(self.agent, self.eval_env, cfg.eval_episodes,
-                                                success_key=cfg.success_key)
-                        self.history["eval"].append([self.step * self.repeat, ret, rate,
-                                                     round(time.perf_counter() - t_start, 1)])
-                        writer.add_scalar("eval/success", rate, self.step * self.repeat)
-                        writer.add_scalar("eval/return", ret, self.step * self.repeat)
-                        progress.update(bar, ev=f"{rate:.0%}")
-                        progress.console.print(f"eval at {self.step * self.repeat} env steps: success {rate:.0%}, "
-                                               f"return {ret:.2f}, {time.perf_counter() - t_start:.0f} s")
-                        if cfg.target_success is not None and rate >= cfg.target_success:
-                            result["reached_target"] = True
-                    if self.step >= next_ckpt or result["reached_target"]:
-                        next_ckpt += cfg.checkpoint_every
-                        self.save()
-                    if result["reached_target"]:
-                        break
-                    obs, _ = self.env.reset(seed=int(self.rng.integers(2**31)))
-                    self.replay.add_first(obs)
-                    ep_return = 0.0
-                    fps = (self.step - steps_start) * self.repeat / (time.perf_counter() - t_start)
-                    progress.update(bar, completed=self.step, fps=fps,
-                                    ret=float(np.mean([r for r, _ in recent])),
-                                    succ=float(np.mean([s for _, s in recent])))
-        writer.close()
+            self._progress = progress
+            self._bar = progress.add_task(f"{cfg.agent} {cfg.env}", total=math.ceil(cfg.frames / self.repeat),
+                                          completed=self.step, fps=0.0, stat="", ev="-")
+            (self._learn_offline if self.spec.offline else self._learn_online)(result)
+        self._writer.close()
+        return self._finish(result)
+
+    def _update(self) -> dict:
+        """One update call on a batch of the kind the agent needs (transitions or windows)."""
+        p = self.params
+        if "obs_horizon" in p:
+            batch = self.replay.sample_windows(p["batch"], p["obs_horizon"], p["pred_horizon"], self.rng)
+        else:
+            batch = self.replay.sample(p["batch"], self.rng)
+        metrics = self.agent.update(batch, self.step)
+        if self.step % 250 == 0:
+            for k, v in metrics.items():
+                self._writer.add_scalar(f"train/{k}", v, self.step * self.repeat)
+        return metrics
+
+    def _evaluate_and_save(self, result: dict) -> None:
+        """At an episode end (online) or between updates (offline): evaluate and checkpoint when due."""
+        cfg = self.cfg
+        if self.step >= self._next_eval:
+            self._next_eval += cfg.eval_every
+            rate, ret, _ = evaluate(self.agent, self.eval_env, cfg.eval_episodes, success_key=cfg.success_key)
+            elapsed = time.perf_counter() - self._t_start
+            self.history["eval"].append([self.step * self.repeat, ret, rate, round(elapsed, 1)])
+            self._writer.add_scalar("eval/success", rate, self.step * self.repeat)
+            self._writer.add_scalar("eval/return", ret, self.step * self.repeat)
+            self._progress.update(self._bar, ev=f"{rate:.0%}")
+            self._progress.console.print(f"eval at {self.step * self.repeat} {'updates' if self.spec.offline else 'env steps'}: "
+                                         f"success {rate:.0%}, return {ret:.2f}, {elapsed:.0f} s")
+            if cfg.target_success is not None and rate >= cfg.target_success:
+                result["reached_target"] = True
+        if self.step >= self._next_ckpt or result["reached_target"]:
+            self._next_ckpt += cfg.checkpoint_every
+            self.save()
+
+    def _learn_online(self, result: dict) -> None:
+        cfg, p = self.cfg, self.params
+        total_steps = math.ceil(cfg.frames / self.repeat)
+        recent = deque(maxlen=20)
+        obs, _ = self.env.reset(seed=int(self.rng.integers(2**31)))
+        self.agent.reset()
+        self.replay.add_first(obs)
+        ep_return, steps_start = 0.0, self.step
+        while self.step < total_steps:
+            if self.governor is not None:
+                self.governor.check()
+            if self.step < p["seed_steps"]:
+                action = self.rng.uniform(-1, 1, self.env.action_space.shape).astype(np.float32)
+            else:
+                with torch.no_grad():
+                    action = self.agent.act(obs, explore=True)
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            self.replay.add(action, reward, obs, terminated, truncated)
+            ep_return += reward
+            self.step += 1
+            if self.step >= p["seed_steps"] and self.step % p["every"] == 0 and len(self.replay) >= 1:
+                self._update()
+            if terminated or truncated:
+                self.episode += 1
+                success = episode_success(info, cfg.success_key)
+                recent.append((ep_return, success))
+                self.history["train"].append([self.step * self.repeat, ep_return, success])
+                self._writer.add_scalar("episode/return", ep_return, self.step * self.repeat)
+                self._writer.add_scalar("episode/success", float(success), self.step * self.repeat)
+                self._evaluate_and_save(result)
+                if result["reached_target"]:
+                    break
+                obs, _ = self.env.reset(seed=int(self.rng.integers(2**31)))
+                self.agent.reset()
+                self.replay.add_first(obs)
+                ep_return = 0.0
+                fps = (self.step - steps_start) * self.repeat / (time.perf_counter() - self._t_start)
+                self._progress.update(self._bar, completed=self.step, fps=fps,
+                                      stat=f"return {np.mean([r for r, _ in recent]):.2f}  "
+                                           f"success {np.mean([s for _, s in recent]):.0%}")
+
+    def _learn_offline(self, result: dict) -> None:
+        """Behaviour cloning: `frames` updates on batches from --demos, evaluated in the env as they go."""
+        steps_start = self.step
+        while self.step < self.cfg.frames:
+            if self.governor is not None:
+                self.governor.check()
+            metrics = self._update()
+            self.step += 1
+            self._evaluate_and_save(result)
+            if result["reached_target"]:
+                break
+            if self.step % 50 == 0:
+                rate = (self.step - steps_start) / (time.perf_counter() - self._t_start)
+                loss = next(iter(metrics.values()), float("nan"))
+                self._progress.update(self._bar, completed=self.step, fps=rate,
+                                      stat=f"{next(iter(metrics), 'loss')} {loss:.4f}")
+
+    def _finish(self, result: dict) -> dict:
+        cfg = self.cfg
         final = self.save()
         record = cfg.video and self.eval_env.render_mode == "rgb_array"  # an env_factory's env may not render
         rate, ret, frames = evaluate(self.agent, self.eval_env, cfg.eval_episodes, record=record,
                                      success_key=cfg.success_key)
-        self.history["eval"].append([self.step * self.repeat, ret, rate, round(time.perf_counter() - t_start, 1)])
+        minutes = (time.perf_counter() - self._t_start) / 60
+        self.history["eval"].append([self.step * self.repeat, ret, rate, round(minutes * 60, 1)])
         ckpt_io.write_json(self.out / "history.json", self.history)
-        result.update({"checkpoint": str(final), "env_steps": self.step * self.repeat, "final_success": rate,
-                       "final_return": ret, "minutes": (time.perf_counter() - t_start) / 60,
-                       "curve": str(plot_learning_curve(self.history, self.out / "learning_curve.png", cfg))})
+        result.update({"checkpoint": str(final), "env_steps": 0 if self.spec.offline else self.step * self.repeat,
+                       "final_success": rate, "final_return": ret, "minutes": minutes,
+                       "curve": str(plot_learning_curve(self.history, self.out / "learning_curve.png", cfg,
+                                                        "updates" if self.spec.offline else "env steps"))})
+        if self.spec.offline:
+            result["updates"] = self.step
         if cfg.video and frames:
             from robolearn.video import write_mp4
             result["video"] = str(write_mp4(self.out / "eval.mp4", frames, self.eval_env.metadata.get("render_fps", 10)))
@@ -394,8 +439,8 @@ class Trainer:
         self.eval_env.close()
 
 
-def plot_learning_curve(history: dict, path: Path, cfg: TrainConfig) -> Path:
-    """Return and success against env steps: training episodes (smoothed) and evaluations."""
+def plot_learning_curve(history: dict, path: Path, cfg: TrainConfig, xlabel: str = "env steps") -> Path:
+    """Return and success against env steps (or updates): training episodes (smoothed) and evaluations."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -411,8 +456,8 @@ def plot_learning_curve(history: dict, path: Path, cfg: TrainConfig) -> Path:
     if len(evals):
         ax_r.plot(evals[:, 0], evals[:, 1], "o-", label="eval")
         ax_s.plot(evals[:, 0], evals[:, 2], "o-", label="eval")
-    ax_r.set(xlabel="env steps", ylabel="episode return", title="return")
-    ax_s.set(xlabel="env steps", ylabel="success rate", title="success", ylim=(-0.05, 1.05))
+    ax_r.set(xlabel=xlabel, ylabel="episode return", title="return")
+    ax_s.set(xlabel=xlabel, ylabel="success rate", title="success", ylim=(-0.05, 1.05))
     for ax in (ax_r, ax_s):
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")

@@ -412,3 +412,51 @@ def test_a_damaged_replay_file_is_a_one_line_error_naming_it(tmp_path, damage):
         with pytest.raises(ValueError, match=f"{file.name}.*damaged") as info:
             fresh.load(file)
         assert len(str(info.value).splitlines()) == 1
+
+
+def test_windows_pad_with_the_first_observation_and_the_last_action_and_stop_at_episodes():
+    """Diffusion Policy's windows: obs t-1..t, actions t-1..t+3, padded inside each episode only, also
+    across the ring's wrap (capacity 7 holds the second episode at slots 5, 6, 0, 1)."""
+    obs_space, act_space = spaces(1, state_dim=1, action_dim=1)
+    buf = ReplayBuffer(7, obs_space, act_space, device="cpu")
+    for ep, T in ((0, 4), (1, 3)):
+        buf.add_first({"images/cam": frame(ep, 0), "state": np.array([100.0 * ep], np.float32)})
+        for t in range(T):
+            buf.add(np.array([10.0 * ep + t], np.float32), 1.0 + t,
+                    {"images/cam": frame(ep, t + 1), "state": np.array([100.0 * ep + t + 1], np.float32)},
+                    terminated=ep == 1 and t == T - 1, truncated=False)
+        buf.end_episode()
+    slots = {int(buf._step[i]): i for i in range(7) if buf._episode[i] == 1}
+    assert slots == {0: 5, 1: 6, 2: 0, 3: 1}  # wrapped
+    w = buf.window_arrays(np.array([slots[0], slots[1], slots[2]]), obs_horizon=2, action_horizon=5)
+    assert w["obs"]["state"][..., 0].tolist() == [[100, 100], [100, 101], [101, 102]]
+    assert w["obs"]["images/cam"].shape == (3, 2, H, H, 3)
+    assert w["obs"]["images/cam"][:, :, 0, 0, 1].tolist() == [[0, 0], [0, 1], [1, 2]]  # the frames' step
+    assert w["action"][..., 0].tolist() == [[10, 10, 11, 12, 12], [10, 11, 12, 12, 12], [11, 12, 12, 12, 12]]
+    assert w["reward"].tolist() == [[0, 1, 2, 3, 0], [1, 2, 3, 0, 0], [2, 3, 0, 0, 0]]  # 0 where padded
+    assert w["terminated"].tolist() == [[False, False, False, True, False], [False, False, True, False, False],
+                                        [False, True, False, False, False]]
+    t = buf.sample_windows(16, 2, 5, np.random.default_rng(0))
+    assert t["action"].shape == (16, 5, 1) and t["obs"]["state"].shape == (16, 2, 1)
+    # The first episode keeps steps 2 and 3 (slots 2, 3): their windows start at the oldest kept step.
+    a = t["action"][..., 0].numpy()
+    assert set(a[:, 0].tolist()) <= {2.0, 3.0, 10.0, 11.0, 12.0}
+    assert np.all((a < 10).all(axis=1) | (a >= 10).all(axis=1))  # never across episodes
+    stacked = ReplayBuffer(20, *spaces(3), frame_stack=3, device="cpu")
+    with pytest.raises(ValueError, match="frame_stack=1"):
+        stacked.sample_windows(4, 2, 4)
+
+
+def test_mixed_windows_take_the_demo_share_first():
+    obs_space, act_space = spaces(1, state_dim=1, action_dim=1)
+    bufs = [ReplayBuffer(50, obs_space, act_space, device="cpu") for _ in range(2)]
+    for base, buf in zip((0.0, 100.0), bufs):
+        buf.add_first({"images/cam": frame(0, 0), "state": np.array([base], np.float32)})
+        for t in range(6):
+            buf.add(np.array([base + t], np.float32), 0.0, {"images/cam": frame(0, t + 1),
+                    "state": np.array([base + t + 1], np.float32)}, False, t == 5)
+    mixed = MixedReplay(bufs[0], bufs[1], demo_ratio=0.25)
+    w = mixed.sample_windows(8, 2, 4, np.random.default_rng(1))
+    a = w["action"][..., 0].numpy()
+    assert a.shape == (8, 4) and w["obs"]["images/cam"].shape == (8, 2, H, H, 3)
+    assert (a[:2] >= 100).all() and (a[2:] < 100).all()  # 2 demo windows, then 6 online ones

@@ -272,3 +272,10 @@ def test_resume_after_learning_began_matches_the_uninterrupted_run_exactly(tmp_p
     assert replay_a.keys() == replay_b.keys() and len(replay_a) > 5
     for key in replay_a:
         assert np.array_equal(np.asarray(replay_a[key]), np.asarray(replay_b[key])), key
+
+
+def test_an_offline_agent_without_demos_is_refused_before_anything_is_built(tmp_path):
+    proc = robolearn("train", "--agent", "diffusion", "--env", "robolearn/PandaReach-v0", "--out", str(tmp_path / "r"),
+                     check=False)
+    assert proc.returncode != 0 and "--agent diffusion learns from demonstrations: pass --demos PATH" in proc.stderr
+    assert not (tmp_path / "r").exists()

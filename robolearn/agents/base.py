@@ -1,7 +1,12 @@
 """The interface every agent implements, and the batch layout the replay buffer produces.
 
-Training loops, evaluation and the ROS node treat agents alike through four verbs:
-`act(obs, explore)`, `update(batch) -> metrics`, `state_dict()`, `load_state_dict()`.
+Training loops, evaluation and the ROS node treat agents alike through five verbs:
+`reset()` at each episode start, `act(obs, explore)` at every step, `update(batch) -> metrics`,
+`state_dict()`, `load_state_dict()`. An agent with an observation history or action chunks
+(robolearn.agents.diffusion) keeps them itself: it fills its history at reset() and replans
+inside act() when its chunk runs out, so every loop honours them by calling these two.
+Each agent module registers itself (robolearn.agents.registry) with its update schedule and
+the batch it needs.
 
 A batch (from robolearn.replay) is a dict of torch tensors on the agent's device:
     obs, next_obs   dict[str, Tensor]: "state" float32 (B, D); "images/<cam>" uint8 (B, H, W, C*stack)
@@ -10,6 +15,7 @@ A batch (from robolearn.replay) is a dict of torch tensors on the agent's device
     discount        float32 (B,): g^n for bootstrapping, 0 where the episode terminated within n
                     (truncation is not termination: it bootstraps)
 Images stay uint8 HWC until the agent's encoder, which converts them as it likes.
+An agent that learns from windows gets ReplayBuffer.sample_windows' layout instead (docs/replay.md).
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ import torch
 
 class Agent(Protocol):
     name: str
+
+    def reset(self) -> None:
+        """An episode starts: forget the observation history and any planned actions."""
 
     def act(self, obs: dict[str, np.ndarray], explore: bool) -> np.ndarray:
         """One action in [-1, 1] for one (unbatched) observation."""

@@ -46,6 +46,7 @@ from torch import nn
 from robolearn.agents.base import default_device, obs_to_torch
 from robolearn.agents.encoders import conv_stack, image_keys_of, to_nchw_float, trunk
 from robolearn.agents.errors import check_finite
+from robolearn.agents.registry import AgentSpec
 from robolearn.agents.serialize import load_training_state, optimizer_hparams, training_state_to_tensors
 
 # drqv2's cfgs/task/{easy,medium,hard}.yaml: exploration-noise schedules in agent steps.
@@ -332,6 +333,9 @@ class DrQV2Agent:
     def _images(self, obs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [obs[k] for k in self.image_keys]
 
+    def reset(self) -> None:
+        """Nothing to forget: the env stacks the frames."""
+
     @torch.no_grad()
     def act(self, obs: dict[str, np.ndarray], explore: bool) -> np.ndarray:
         """One action in [-1, 1]: tanh(mean) plus noise of the scheduled std when exploring (which
@@ -521,3 +525,17 @@ def reference_update(agent: DrQV2Agent, batch: dict, step: int) -> dict[str, flo
 __all__ = ["DrQV2Agent", "DrQV2Config", "STDDEV_SCHEDULES", "TASK_DIFFICULTY", "Actor", "Critic", "Encoder",
            "grid_sample_shift", "reference_update", "sample_shifts", "shift_images", "stddev", "truncated_sample",
            "weight_init"]
+
+
+def loop_params(cfg: DrQV2Config, env) -> dict:
+    """One batch every update_every_steps agent steps, after num_seed_steps random ones; the env stacks frames."""
+    return {"batch": cfg.batch_size, "every": cfg.update_every_steps, "nstep": cfg.nstep, "gamma": cfg.discount,
+            "frame_stack": getattr(env.unwrapped, "frame_stack", 1), "seed_steps": cfg.num_seed_steps}
+
+
+def env_defaults(env) -> dict:
+    """The env's action repeat: DrQ-v2 counts frames (agent steps times the repeat)."""
+    return {"action_repeat": getattr(getattr(env, "unwrapped", None), "action_repeat", 1)}
+
+
+AGENT = AgentSpec("drqv2", DrQV2Agent, DrQV2Config, loop_params, env_defaults=env_defaults)

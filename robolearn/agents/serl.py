@@ -34,6 +34,7 @@ from torch import nn
 from robolearn.agents.base import default_device, obs_to_torch
 from robolearn.agents.encoders import DictObsEncoder, FrozenEncoder, feature_key, image_keys_of, random_shift
 from robolearn.agents.errors import check_batch_finite, check_finite
+from robolearn.agents.registry import AgentSpec
 from robolearn.agents.serialize import load_training_state, optimizer_hparams, training_state_to_tensors
 
 
@@ -273,6 +274,9 @@ class SERLAgent:
         return out
 
     # -- acting --------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Nothing to forget: the policy sees one observation."""
+
     @torch.no_grad()
     def act(self, obs: dict[str, np.ndarray], explore: bool) -> np.ndarray:
         """One action in [-1, 1]: a policy sample when exploring, tanh(mean) otherwise."""
@@ -383,6 +387,16 @@ class SERLAgent:
                 "action_dim": self.action_dim, "target_entropy": self.target_entropy,
                 "optimizers": {name: optimizer_hparams(opt) for name, opt in self._optimizers().items()}}
 
+
+
+def loop_params(cfg: SERLConfig, env) -> dict:
+    """All of utd_ratio's critic steps in one update call per env step, on one batch."""
+    return {"batch": cfg.batch_size * cfg.utd_ratio, "every": 1, "nstep": cfg.nstep, "gamma": cfg.gamma,
+            "frame_stack": cfg.frame_stack, "seed_steps": 0}
+
+
+AGENT = AgentSpec("serl", SERLAgent, SERLConfig, loop_params,
+                  seed_steps_without_demos=1_000)  # without demos the critic first needs some coverage
 
 # -- reward classifier -----------------------------------------------------------------------
 

@@ -40,6 +40,8 @@ PARAMS = {  # name: (default, description); docs/ros.md lists them
     "episodes": (0, "run this many episodes, print the success line and exit 0 (0: until stopped)"),
     "seed": (0, "episode k resets with env seed seed + k"),
     "autostart": (True, "configure and activate at startup (no lifecycle manager needed)"),
+    "thread_priority": (20, "SCHED_FIFO priority of the control thread, 1-99 (0: normal scheduling); needs an "
+                            "rtprio limit or CAP_SYS_NICE, else a warning and normal scheduling"),
     "torch_threads": (0, "torch threads (0: 1 for a state policy, the idle cores up to 4 with cameras)"),
     "publish_timing": (False, "publish ~/timing per tick: interval, compute, latency, receipt latency, missed"),
     "publish_steps": (False, "publish ~/steps: [episode, step, *state, *action] per step, [episode, -1, success] at the end"),
@@ -80,8 +82,11 @@ class PeriodicThread:
     busy with 100 Hz state topics woke 4 ms late at the median and 20-35 ms at p99 (bench/control_loop.py).
     """
 
-    def __init__(self, period: float, fn, name: str):
-        self.period, self.fn, self._regrid = period, fn, False
+    def __init__(self, period: float, fn, name: str, priority: int = 0):
+        """priority: SCHED_FIFO priority for the thread (1-99; 0: the normal scheduler). `self.started`
+        is set once the thread runs; `self.priority_error` then says why a priority was not granted."""
+        self.period, self.fn, self._regrid, self.priority = period, fn, False, priority
+        self.priority_error, self.started = "", threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -91,6 +96,12 @@ class PeriodicThread:
         self._regrid = True
 
     def _run(self) -> None:
+        if self.priority > 0:  # as ros2_control's controller_manager does for its update thread
+            try:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.priority))  # 0: this thread
+            except (OSError, AttributeError) as err:  # no rtprio permission, or not Linux
+                self.priority_error = str(err)
+        self.started.set()
         due = time.monotonic()
         while not self._stop.is_set():
             self.fn()
@@ -158,6 +169,8 @@ class AgentNode(LifecycleNode):
         from robolearn.train import load_agent
         self._read_parameters()
         p = self.p
+        if not 0 <= p["thread_priority"] <= 99:
+            raise ValueError(f"parameter thread_priority: {p['thread_priority']} is not in 0-99")
         config = read_config(p["checkpoint"])
         p["uses_gripper"] = self._uses_gripper(config)
         shapes = robot_params.camera_shapes(p, config.get("observation_space", {}), "checkpoint")
@@ -194,8 +207,14 @@ class AgentNode(LifecycleNode):
         with self._lock:
             self._active, self._held, self._need_reset, self._last_tick = True, None, True, None
         self._control_timers = [  # the ticks on a thread of their own; the watchdog apart from the subscriptions
-            PeriodicThread(self.period, self._tick, "agent-control"),
+            PeriodicThread(self.period, self._tick, "agent-control", self.p["thread_priority"]),
             self.create_timer(self.period, self._watchdog, MutuallyExclusiveCallbackGroup(), clock=self._steady)]
+        control = self._control_timers[0]
+        control.started.wait(1.0)
+        if control.priority_error:
+            self.get_logger().warning(
+                f"thread_priority {control.priority} not granted ({control.priority_error}); the control loop runs "
+                "at normal priority. Allow it with an rtprio limit (docs/ros.md) or set thread_priority:=0")
         self.lifecycle = "active"
         return SUCCESS
 
@@ -265,6 +284,7 @@ class AgentNode(LifecycleNode):
                 self._hold("reset", f"reset failed (retrying): {err}")
             time.sleep(min(1.0, 10 * self.period))  # a service that fails fast is not hammered
             return
+        self.agent.reset()  # an agent with a history or action chunks starts afresh
         self._need_reset, self.steps, self._return = False, 0, 0.0
         self.get_logger().info(f"episode {self.episodes}: reset with seed {seed}")
         if self._control_timers:  # restart the period grid after the blocking reset
