@@ -131,15 +131,24 @@ def cmd_train(args) -> int:
     out = args.out or f"runs/{args.agent}_{args.env.split('/')[-1]}"
     _check_writable(out, "--out", "dir")
     _import_modules(args.import_module)
+    overrides = _parse_overrides(args.set)
+    if args.base is not None:
+        import typing
+        from pathlib import Path
+        if "base" not in typing.get_type_hints(registry.get(args.agent).config_cls):
+            raise ValueError(f"--base is for agents that fine-tune a base policy; --agent {args.agent} takes none")
+        if not Path(args.base).exists():
+            raise FileNotFoundError(f"--base {args.base}: no such checkpoint")
+        overrides["base"] = str(args.base)
     cfg = TrainConfig(agent=args.agent, env=args.env, out=out, success_key=args.success_key or None,
                       frames=args.frames, seed=args.seed, demos=args.demos, eval_every=args.eval_every,
                       eval_episodes=args.eval_episodes, target_success=args.target_success,
                       checkpoint_every=args.checkpoint_every, video=not args.no_video,
-                      env_kwargs=_parse_overrides(args.env_set), agent_overrides=_parse_overrides(args.set))
+                      env_kwargs=_parse_overrides(args.env_set), agent_overrides=overrides)
     # Without --threads, torch's threads follow the cores other processes leave free (robolearn/cpu.py).
     result = train(cfg, resume=args.resume, governor=None if args.threads else ThreadGovernor())
-    print(f"env steps: {result['env_steps']}  final eval success: {result['final_success']:.0%}  "
-          f"minutes: {result['minutes']:.1f}")
+    done = f"updates: {result['updates']}" if "updates" in result else f"env steps: {result['env_steps']}"
+    print(f"{done}  final eval success: {result['final_success']:.0%}  minutes: {result['minutes']:.1f}")
     print(f"checkpoint:     {result['checkpoint']}")
     print(f"learning curve: {result['curve']}")
     if "video" in result:
@@ -330,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", required=True, help="env id (see `robolearn envs`), or any gymnasium id registered "
                                                 "through --import-module or given as PKG:Id (docs/training.md)")
     p.add_argument("--demos", help="episode dataset directory for the demo buffer (50/50 sampling)")
+    p.add_argument("--base", help="a diffusion checkpoint for a fine-tuning agent to start from: a run dir, its "
+                                  "checkpoints/ or a step dir")
     p.add_argument("--frames", type=int, default=20_000, help="env frames to train for (default: 20000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="run directory (default: runs/<agent>_<env>)")

@@ -424,6 +424,38 @@ class ReplayBuffer:
                 "reward": np.where(real, self._reward[act_slots], 0.0).astype(np.float32),
                 "terminated": real & self._terminated[act_slots], "intervention": self._intervention[idx]}
 
+    def chunk_arrays(self, idx: np.ndarray, obs_horizon: int, chunk: int) -> dict:
+        """Transitions whose action is the chunk of `chunk` actions from the steps at slots `idx`
+        (an agent that plans chunks learns a critic over them): obs and next_obs windows of
+        `obs_horizon` steps at t and at t+m, action (B, chunk, A) for t..t+chunk-1 (the last action
+        repeats past the episode's end), reward sum_{k<m} gamma^k r_{t+k} and discount gamma^m, 0
+        where the episode terminated within; m = min(chunk, steps to the episode's end). The n-step
+        transition with n = chunk, and the buffer's gamma."""
+        idx = np.asarray(idx, np.int64)
+        C, g = self.capacity, self.gamma
+        ret, used = np.zeros(len(idx)), np.zeros(len(idx), np.int64)
+        alive = np.ones(len(idx), bool)
+        for k in range(chunk):
+            j = (idx + k) % C
+            alive &= self._has_action[j] & (self._episode[j] == self._episode[idx])
+            ret += np.where(alive, g ** k * self._reward[j], 0.0)
+            used += alive
+            alive &= ~self._terminated[j]
+        done = self._terminated[(idx + used - 1) % C]
+        first = -(obs_horizon - 1)
+        out = {"action": self._action[self._along(idx, range(0, chunk), need_action=True)],
+               "reward": ret.astype(np.float32), "discount": np.where(done, 0.0, g ** used).astype(np.float32)}
+        for part, at in (("obs", idx), ("next_obs", (idx + used) % C)):
+            slots = self._along(at, range(first, 1), need_action=False)
+            out[part] = {key: store[slots].transpose(0, 1, 3, 4, 2) if key in self.image_keys else store[slots]
+                         for key, store in self._obs.items()}
+        return out
+
+    def sample_chunks(self, batch_size: int, obs_horizon: int, chunk: int,
+                      rng: np.random.Generator | None = None) -> dict:
+        """A batch of chunk transitions (chunk_arrays) at uniformly drawn steps, as torch tensors."""
+        return batch_to_torch(self.chunk_arrays(self.sample_indices(batch_size, rng), obs_horizon, chunk), self.device)
+
     def sample_windows(self, batch_size: int, obs_horizon: int, action_horizon: int,
                        rng: np.random.Generator | None = None) -> dict:
         """A batch of windows (see window_arrays) at uniformly drawn steps, as torch tensors."""
@@ -643,6 +675,14 @@ class MixedReplay:
     def sample(self, batch_size: int, rng: np.random.Generator | None = None) -> dict:
         """Demo transitions first, then online ones, as one batch on the online buffer's device."""
         return batch_to_torch(self.sample_arrays(batch_size, rng), self.device)
+
+    def sample_chunks(self, batch_size: int, obs_horizon: int, chunk: int,
+                      rng: np.random.Generator | None = None) -> dict:
+        """Chunk transitions (ReplayBuffer.chunk_arrays), demo ones first, in the split of `sample`."""
+        n_demo, n_online = self.split(batch_size)
+        parts = [buf.chunk_arrays(buf.sample_indices(n, rng), obs_horizon, chunk)
+                 for buf, n in ((self.demo, n_demo), (self.online, n_online)) if n]
+        return batch_to_torch(_concat(parts), self.device)
 
     def sample_windows(self, batch_size: int, obs_horizon: int, action_horizon: int,
                        rng: np.random.Generator | None = None) -> dict:

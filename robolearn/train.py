@@ -22,7 +22,7 @@ import torch
 
 from robolearn import checkpoint as ckpt_io
 from robolearn.agents import registry
-from robolearn.agents.errors import NonFiniteLossError
+from robolearn.agents.errors import NonFiniteActionError, NonFiniteLossError
 from robolearn.replay import MixedReplay, ReplayBuffer
 from robolearn.rollout import SUCCESS_KEY, AgentPolicy, episode_success, make_env, run_episodes
 
@@ -234,6 +234,7 @@ class Trainer:
         self.cfg = cfg
         self.repeat = getattr(self.env.unwrapped, "action_repeat", 1)
         self.step, self.episode, self.history = 0, 0, {"train": [], "eval": []}
+        self.rejected_actions = 0  # non-finite actions the agent sampled; each ended its episode
         self.rng = np.random.default_rng(cfg.seed)
         torch.manual_seed(cfg.seed)
         state, self.saved = None, None  # (step, checkpoint) of the last save
@@ -326,7 +327,9 @@ class Trainer:
     def _update(self) -> dict:
         """One update call on a batch of the kind the agent needs (transitions or windows)."""
         p = self.params
-        if "obs_horizon" in p:
+        if "chunk" in p:  # a critic over executed action chunks (ReplayBuffer.chunk_arrays)
+            batch = self.replay.sample_chunks(p["batch"], p["obs_horizon"], p["chunk"], self.rng)
+        elif "obs_horizon" in p:
             batch = self.replay.sample_windows(p["batch"], p["obs_horizon"], p["pred_horizon"], self.rng)
         else:
             batch = self.replay.sample(p["batch"], self.rng)
@@ -369,8 +372,17 @@ class Trainer:
             if self.step < p["seed_steps"]:
                 action = self.rng.uniform(-1, 1, self.env.action_space.shape).astype(np.float32)
             else:
-                with torch.no_grad():
-                    action = self.agent.act(obs, explore=True)
+                try:
+                    with torch.no_grad():
+                        action = self.agent.act(obs, explore=True)
+                except NonFiniteActionError as err:  # never step with it: end the episode where it stands
+                    self.rejected_actions += 1
+                    self._progress.console.print(f"episode {self.episode} ended at env step {self.step}: {err}")
+                    obs, _ = self.env.reset(seed=int(self.rng.integers(2**31)))
+                    self.agent.reset()
+                    self.replay.add_first(obs)  # the broken episode stays, ended without a terminal flag
+                    ep_return = 0.0
+                    continue
             obs, reward, terminated, truncated, info = self.env.step(action)
             self.replay.add(action, reward, obs, terminated, truncated)
             ep_return += reward
@@ -428,6 +440,8 @@ class Trainer:
                                                         "updates" if self.spec.offline else "env steps"))})
         if self.spec.offline:
             result["updates"] = self.step
+        if self.rejected_actions:
+            result["rejected_actions"] = self.rejected_actions
         if cfg.video and frames:
             from robolearn.video import write_mp4
             result["video"] = str(write_mp4(self.out / "eval.mp4", frames, self.eval_env.metadata.get("render_fps", 10)))

@@ -460,3 +460,25 @@ def test_mixed_windows_take_the_demo_share_first():
     a = w["action"][..., 0].numpy()
     assert a.shape == (8, 4) and w["obs"]["images/cam"].shape == (8, 2, H, H, 3)
     assert (a[:2] >= 100).all() and (a[2:] < 100).all()  # 2 demo windows, then 6 online ones
+
+
+def test_chunk_transitions_are_nstep_transitions_over_action_chunks():
+    """Chunks of 3 from a 4-step episode ending in termination and a 3-step truncated one."""
+    obs_space, act_space = spaces(1, state_dim=1, action_dim=1)
+    buf = ReplayBuffer(30, obs_space, act_space, gamma=0.5, device="cpu")
+    for ep, T, term in ((0, 4, True), (1, 3, False)):
+        buf.add_first({"images/cam": frame(ep, 0), "state": np.array([100.0 * ep], np.float32)})
+        for t in range(T):
+            buf.add(np.array([10.0 * ep + t], np.float32), 1.0 + t,
+                    {"images/cam": frame(ep, t + 1), "state": np.array([100.0 * ep + t + 1], np.float32)},
+                    terminated=term and t == T - 1, truncated=not term and t == T - 1)
+    # slots: episode 0 at 0..4 (steps 0..4), episode 1 at 5..8
+    c = buf.chunk_arrays(np.array([0, 2, 5, 7]), obs_horizon=2, chunk=3)
+    assert c["action"][..., 0].tolist() == [[0, 1, 2], [2, 3, 3], [10, 11, 12], [12, 12, 12]]
+    assert c["reward"].tolist() == [1 + 0.5 * 2 + 0.25 * 3, 3 + 0.5 * 4, 1 + 0.5 * 2 + 0.25 * 3, 3]
+    assert c["discount"].tolist() == [0.125, 0.0, 0.125, 0.5]  # terminated within: 0; truncated: bootstraps
+    assert c["obs"]["state"][..., 0].tolist() == [[0, 0], [1, 2], [100, 100], [101, 102]]
+    assert c["next_obs"]["state"][..., 0].tolist() == [[2, 3], [3, 4], [102, 103], [102, 103]]
+    assert c["next_obs"]["images/cam"].shape == (4, 2, H, H, 3)
+    mixed = MixedReplay(buf, buf, demo_ratio=0.5).sample_chunks(6, 2, 3, np.random.default_rng(0))
+    assert mixed["action"].shape == (6, 3, 1) and mixed["discount"].shape == (6,)

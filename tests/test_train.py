@@ -279,3 +279,37 @@ def test_an_offline_agent_without_demos_is_refused_before_anything_is_built(tmp_
                      check=False)
     assert proc.returncode != 0 and "--agent diffusion learns from demonstrations: pass --demos PATH" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_base_is_refused_for_an_agent_without_one_and_when_missing(tmp_path):
+    proc = robolearn("train", "--agent", "serl", "--env", "robolearn/PandaReach-v0", "--base", str(tmp_path),
+                     "--out", str(tmp_path / "r"), check=False)
+    assert proc.returncode != 0 and "--base is for agents that fine-tune a base policy; --agent serl takes none" \
+        in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_non_finite_action_ends_its_episode_without_stepping_the_env(tmp_path):
+    from robolearn.agents.errors import NonFiniteActionError
+    from robolearn.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(agent="serl", env="robolearn/PandaReach-v0", out=str(tmp_path / "r"), frames=40, seed_steps=0,
+                      eval_every=1_000, eval_episodes=1, checkpoint_every=1_000, save_replay=False, video=False,
+                      agent_overrides={"batch_size": 8, "utd_ratio": 1, "hidden_dims": [16], "num_critics": 2})
+    trainer = Trainer(cfg)
+    act, calls, stepped = trainer.agent.act, [], []
+    step = trainer.env.step
+
+    def bad_at_five(obs, explore):
+        calls.append(explore)  # evaluation acts too, without exploring
+        if sum(calls) == 5 and explore:
+            raise NonFiniteActionError("sampled action is not finite (test)")
+        return act(obs, explore)
+
+    trainer.agent.act = bad_at_five
+    trainer.env.step = lambda a: (stepped.append(np.asarray(a)), step(a))[1]
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    assert result["rejected_actions"] == 1 and len(stepped) == 40 and sum(calls) == 41
+    assert all(np.all(np.isfinite(a)) for a in stepped)

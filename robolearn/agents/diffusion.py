@@ -33,15 +33,11 @@ from torch import nn
 
 from robolearn.agents.base import default_device
 from robolearn.agents.encoders import DictObsEncoder, image_keys_of
-from robolearn.agents.errors import check_finite
+from robolearn.agents.errors import NonFiniteActionError, check_finite
 from robolearn.agents.registry import AgentSpec
 from robolearn.agents.serialize import load_training_state, optimizer_hparams, training_state_to_tensors
 
 DENOISERS = ("mlp", "unet", "auto")
-
-
-class NonFiniteActionError(ValueError):
-    """The sampler produced NaN or inf actions; the message says how many and which inputs were bad."""
 
 
 @dataclass

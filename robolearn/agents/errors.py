@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 
 
+class NonFiniteActionError(ValueError):
+    """The sampler produced NaN or inf actions; the message says how many and which inputs were bad."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or inf; carries the loss name, the learner step and batch statistics."""
 

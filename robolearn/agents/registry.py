@@ -27,7 +27,8 @@ class AgentSpec:
     loop_params(cfg, env) -> dict: `batch` (size per update call), `every` (an update each k env
     steps), `nstep`, `gamma`, `frame_stack` (the replay's), `seed_steps` (uniform random actions
     first), and for agents that learn from windows, `obs_horizon` and `pred_horizon` (the replay
-    then samples windows, robolearn.replay.ReplayBuffer.sample_windows).
+    then samples windows, robolearn.replay.ReplayBuffer.sample_windows), or `obs_horizon` and
+    `chunk` for a critic over executed action chunks (ReplayBuffer.sample_chunks).
     env_defaults(env) -> dict: config fields the env decides (DrQ-v2's action_repeat).
     run_defaults(steps) -> dict: config fields a fresh run's length decides (a schedule's end); --set wins.
     seed_steps_without_demos: random actions first when a run has no --demos (SERL: 1000).
