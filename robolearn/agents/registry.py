@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 MODULES = {"diffusion": "robolearn.agents.diffusion", "drqv2": "robolearn.agents.drqv2",
-           "serl": "robolearn.agents.serl"}
+           "dsrl": "robolearn.agents.dsrl", "serl": "robolearn.agents.serl"}
 
 
 def _nothing(env) -> dict:
