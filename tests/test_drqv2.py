@@ -40,14 +40,7 @@ def random_batch(n: int, size: int = 84, channels: int = 9, action_dim: int = 2,
             "reward": torch.rand(n, generator=g), "discount": torch.full((n,), 0.99**3)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These small batches gain little from a second thread, and on a loaded machine OpenMP's
-    # spinning barriers make many small ops several times slower (the learning test: 107 s vs 19 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 SMALL = dict(hidden_dim=64)  # the 1024-wide heads only slow the tests that do not look at them

@@ -24,13 +24,7 @@ ACTIONS = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
 TO, P, H, A = 2, 8, 4, 2  # the tiny base's obs_horizon, pred_horizon, action_horizon; the action dim
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks gain nothing from a second thread, and on a busy machine OpenMP threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def save_like_trainer(agent, out: Path, space=SPACE, actions=ACTIONS) -> Path:

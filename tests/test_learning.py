@@ -21,12 +21,6 @@ PICK = "robolearn/PandaPickCube-v0"
 ENV_KWARGS = {"terminate_on_success": False}  # SERL's franka_sim: dense reward, 100-step episodes
 
 
-@pytest.fixture()
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.timeout(900)

@@ -20,13 +20,7 @@ STATE_SPACE = gym.spaces.Dict({"state": gym.spaces.Box(-np.inf, np.inf, (10,), n
 ACTION_SPACE = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small networks gain nothing from a second thread, and on a busy machine OpenMP threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def pixel_space(size=32, cams=("front", "wrist")):

@@ -45,7 +45,7 @@ from robolearn.agents.diffusion import DiffusionAgent, DiffusionConfig
 from robolearn.agents.errors import check_batch_finite, check_finite
 from robolearn.agents.registry import AgentSpec
 from robolearn.agents.serialize import load_training_state, optimizer_hparams, training_state_to_tensors
-from robolearn.agents.serl import ACTIVATIONS, EnsembleCritic, TanhGaussianActor, adam
+from robolearn.agents.serl import ACTIVATIONS, EnsembleCritic, TanhGaussianActor, adam, sac_actor_step
 
 # Rows per base.sample call: bounds the memory of a UNet base over a batch of thousands of windows.
 SAMPLE_ROWS = 1024
@@ -409,23 +409,10 @@ class DSRLAgent:
 
     def _update_actor_and_alpha(self, feat: torch.Tensor, step: int, batch: dict) -> dict[str, torch.Tensor]:
         """The actor maximises Q_W(s, pi_W(s)) - alpha log pi_W; the temperature tracks target_entropy."""
-        squashed, log_prob = self.actor.sample(feat, self.update_gen)
-        q = self.noise_critic(feat, squashed * self.cfg.noise_bound, detach=True).mean(dim=0)
-        actor_loss = (self.alpha.detach() * log_prob - q).mean()
-        check_finite(actor_loss, "actor", step, batch)
-        self.actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_opt.step()
-
-        entropy = -log_prob.detach().mean()
-        alpha_loss = self.alpha * (entropy - self.target_entropy)
-        check_finite(alpha_loss, "temperature", step, batch)
-        self.alpha_opt.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        self.alpha_opt.step()
-        self.actor_updates += 1
-        return {"actor_loss": actor_loss.detach(), "entropy": entropy, "alpha_loss": alpha_loss.detach(),
-                "noise_abs": squashed.detach().abs().mean() * self.cfg.noise_bound}
+        bound = self.cfg.noise_bound
+        squashed, metrics = sac_actor_step(self, feat, lambda w: self.noise_critic(feat, w * bound, detach=True)
+                                           .mean(dim=0), batch, step)
+        return {**metrics, "noise_abs": squashed.abs().mean() * bound}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _modules(self) -> dict[str, nn.Module]:

@@ -195,6 +195,27 @@ def minibatches(batch: dict, utd: int) -> list[dict]:
 
 # -- the agent -------------------------------------------------------------------------------
 
+def sac_actor_step(agent, feat: torch.Tensor, q_of, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+    """SAC's actor and temperature step for an agent with actor, alpha, actor_opt, alpha_opt,
+    target_entropy, update_gen and actor_updates (SERLAgent; DSRLAgent in noise space): the actor
+    maximises q_of(its sample) - alpha log pi, the temperature tracks target_entropy.
+    Returns the actor's squashed sample (detached) and the metrics."""
+    action, log_prob = agent.actor.sample(feat, agent.update_gen)
+    actor_loss = (agent.alpha.detach() * log_prob - q_of(action)).mean()
+    check_finite(actor_loss, "actor", step, batch)
+    agent.actor_opt.zero_grad(set_to_none=True)
+    actor_loss.backward()
+    agent.actor_opt.step()
+
+    entropy = -log_prob.detach().mean()
+    alpha_loss = agent.alpha * (entropy - agent.target_entropy)
+    check_finite(alpha_loss, "temperature", step, batch)
+    agent.alpha_opt.zero_grad(set_to_none=True)
+    alpha_loss.backward()
+    agent.alpha_opt.step()
+    agent.actor_updates += 1
+    return action.detach(), {"actor_loss": actor_loss.detach(), "entropy": entropy, "alpha_loss": alpha_loss.detach()}
+
 class SERLAgent:
     """RLPD/SERL SAC agent; see the module docstring for the update schedule and observations."""
 
@@ -340,22 +361,9 @@ class SERLAgent:
         return feat, {"critic_loss": loss.detach(), "q": q.detach().mean(), "target_q": target.mean()}
 
     def _update_actor_and_alpha(self, feat: torch.Tensor, b: dict, step: int) -> dict[str, torch.Tensor]:
-        action, log_prob = self.actor.sample(feat, self.update_gen)
-        q = self.critic(feat, action, detach=True).mean(dim=0)  # the ensemble mean, as RLPD
-        actor_loss = (self.alpha.detach() * log_prob - q).mean()
-        check_finite(actor_loss, "actor", step, b)
-        self.actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_opt.step()
-
-        entropy = -log_prob.detach().mean()
-        alpha_loss = self.alpha * (entropy - self.target_entropy)
-        check_finite(alpha_loss, "temperature", step, b)
-        self.alpha_opt.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        self.alpha_opt.step()
-        self.actor_updates += 1
-        return {"actor_loss": actor_loss.detach(), "entropy": entropy, "alpha_loss": alpha_loss.detach()}
+        # The ensemble mean, as RLPD.
+        _, metrics = sac_actor_step(self, feat, lambda a: self.critic(feat, a, detach=True).mean(dim=0), b, step)
+        return metrics
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _modules(self) -> dict[str, nn.Module]:
