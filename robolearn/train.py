@@ -329,6 +329,9 @@ class Trainer:
         p = self.params
         if "chunk" in p:  # a critic over executed action chunks (ReplayBuffer.chunk_arrays)
             batch = self.replay.sample_chunks(p["batch"], p["obs_horizon"], p["chunk"], self.rng)
+            if "bc_batch" in p:  # and a policy that keeps imitating (EXPO's base): windows beside them
+                batch["windows"] = self.replay.sample_windows(p["bc_batch"], p["obs_horizon"], p["pred_horizon"],
+                                                              self.rng)
         elif "obs_horizon" in p:
             batch = self.replay.sample_windows(p["batch"], p["obs_horizon"], p["pred_horizon"], self.rng)
         else:

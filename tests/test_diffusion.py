@@ -249,3 +249,72 @@ def test_small_batch_conv_matches_torch(cin, cout, kernel, stride):
     big = torch.randn(Conv1d.SMALL_BATCH + 1, cin, 16)  # the native path
     torch.testing.assert_close(conv(big), torch.nn.functional.conv1d(big, conv.weight, conv.bias, stride,
                                                                      conv.padding))
+
+
+def test_observation_statistics_are_taken_once_saved_and_restored(tmp_path):
+    cfg = tiny_cfg(obs_std_min=0.01)
+    agent = DiffusionAgent(STATE_SPACE, ACTION_SPACE, cfg, device="cpu")
+    batch = window_batch(STATE_SPACE, 32, cfg, seed=4)
+    # Positions spread over a few centimetres around 0.4 m, one dim constant (a quaternion's).
+    batch["obs"]["state"] = 0.4 + 0.03 * batch["obs"]["state"]
+    batch["obs"]["state"][..., 5] = 1.0
+    obs = {k: v[:4] for k, v in batch["obs"].items()}
+    raw = agent.ema.encode(obs, agent.obs_keys)
+    assert not bool(agent.model.normalizer.fitted)
+    torch.testing.assert_close(raw, obs["state"].reshape(4, -1))  # unset: proprio as it is
+
+    agent.update(batch, step=0)
+    frames = batch["obs"]["state"].reshape(-1, 6)
+    mean, std = frames.mean(0), frames.std(0, correction=0)
+    for net in (agent.model, agent.ema):
+        stats = net.normalizer.stats["state"]
+        assert bool(net.normalizer.fitted)
+        torch.testing.assert_close(stats.mean, mean)
+        torch.testing.assert_close(stats.std[:5], std[:5])
+        assert float(stats.std[5]) == pytest.approx(0.01)  # floored, not 0
+    # The conditioning is the standardized window: zero mean, unit std over the fitting batch.
+    cond = agent.ema.encode(batch["obs"], agent.obs_keys).reshape(-1, 6)
+    assert cond[:, :5].mean(0).abs().max() < 1e-4 and (cond[:, :5].std(0, correction=0) - 1).abs().max() < 1e-3
+    assert cond[:, 5].abs().max() < 1e-4
+    noise = torch.randn(4, cfg.pred_horizon, 3, generator=torch.Generator().manual_seed(2))
+    stale = DiffusionAgent(STATE_SPACE, ACTION_SPACE, cfg, device="cpu")
+    stale.load_state_dict(agent.state_dict())
+    for net in (stale.model, stale.ema):
+        net.normalizer.fitted.fill_(False)
+        net.normalizer.stats["state"].mean.zero_()
+        net.normalizer.stats["state"].std.fill_(1.0)
+    assert not torch.allclose(stale.sample(obs, noise), agent.sample(obs, noise))  # the statistics matter
+
+    # A second batch with other statistics changes nothing: they were taken once.
+    other = window_batch(STATE_SPACE, 32, cfg, seed=5)
+    agent.update(other, step=1)
+    torch.testing.assert_close(agent.ema.normalizer.stats["state"].mean, mean)
+    torch.testing.assert_close(agent.model.normalizer.stats["state"].mean, mean)
+
+    # Saved and restored with the weights; a loaded agent keeps them through its own updates.
+    state = agent.state_dict()
+    assert {"model.normalizer.fitted", "ema.normalizer.stats.state.mean", "ema.normalizer.stats.state.std"} <= set(state)
+    save_file(state, str(tmp_path / "agent.safetensors"))
+    config = json.loads(json.dumps(agent.config_dict()))
+    assert config["config"]["normalize_obs"] is True
+    loaded = DiffusionAgent(STATE_SPACE, ACTION_SPACE, DiffusionConfig.from_dict(config["config"]), device="cpu")
+    loaded.load_state_dict(load_file(str(tmp_path / "agent.safetensors")))
+    assert bool(loaded.ema.normalizer.fitted)
+    assert torch.equal(loaded.sample(obs, noise), agent.sample(obs, noise))
+    loaded.update(window_batch(STATE_SPACE, 32, cfg, seed=6), step=2)
+    torch.testing.assert_close(loaded.ema.normalizer.stats["state"].mean, mean)
+
+
+def test_normalize_obs_off_and_configs_saved_before_it():
+    cfg = tiny_cfg(normalize_obs=False)
+    agent = DiffusionAgent(STATE_SPACE, ACTION_SPACE, cfg, device="cpu")
+    batch = window_batch(STATE_SPACE, 16, cfg)
+    agent.update(batch, step=0)
+    assert agent.model.normalizer is None and not any("normalizer" in k for k in agent.state_dict())
+    obs = window(STATE_SPACE, cfg)
+    torch.testing.assert_close(agent.ema.encode(obs, agent.obs_keys), obs["state"].reshape(2, -1))
+    # A checkpoint's config from before the field existed: its networks saw raw observations.
+    old = {k: v for k, v in json.loads(json.dumps(DiffusionConfig().__dict__)).items() if k != "normalize_obs"}
+    assert DiffusionConfig.from_dict(old).normalize_obs is False
+    with pytest.raises(ValueError, match="obs_std_min"):
+        tiny_cfg(obs_std_min=0.0)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from robolearn.agents.diffusion import DiffusionAgent, DiffusionConfig
+from robolearn.agents.diffusion_base import executed
 from robolearn.agents.dsrl import AGENT, DSRLAgent, DSRLConfig, loop_params
 from robolearn.agents.errors import NonFiniteLossError
 from robolearn.agents.serl import SERLAgent, SERLConfig
@@ -133,9 +134,9 @@ def test_deterministic_act_replans_every_action_horizon_and_reset_clears(tmp_pat
     assert torch.equal(calls[1][0], torch.as_tensor(np.stack([o["state"] for o in obs[H - TO + 1:H + 1]]))[None])
 
     agent.act(obs[0], explore=False)  # mid-chunk: from the queue, no new sample
-    assert len(calls) == 3 and agent._queue
+    assert len(calls) == 3 and agent._chunks.queue
     agent.reset()
-    assert not agent._queue and not agent._history
+    assert not agent._chunks.queue and not agent._chunks.history
     again = [agent.act(o, explore=False) for o in obs]
     assert len(calls) == 6
     np.testing.assert_array_equal(np.stack(first), np.stack(again))
@@ -245,7 +246,7 @@ def test_config_errors_name_the_field():
 
 def test_loop_params_sample_chunks_of_the_base_horizons(tmp_path):
     cfg = tiny_cfg(tiny_base(tmp_path), batch_size=16, utd_ratio=5, gamma=0.98)
-    assert loop_params(cfg, None) == {"batch": 80, "every": 1, "nstep": 1, "gamma": 0.98, "frame_stack": 1,
+    assert loop_params(cfg, None) == {"batch": 80, "every": H, "nstep": 1, "gamma": 0.98, "frame_stack": 1,
                                       "seed_steps": 0, "obs_horizon": TO, "chunk": H}
     assert AGENT.name == "dsrl" and AGENT.agent_cls is DSRLAgent and AGENT.config_cls is DSRLConfig
 
@@ -279,7 +280,7 @@ def test_steers_the_base_towards_reward(tmp_path):
 
     def score(noise_fn) -> float:
         obs = {"state": torch.randn(256, TO, 3, generator=torch.Generator().manual_seed(9))}
-        return agent._executed(obs, noise_fn(obs)).reshape(256, H, A)[..., 0].mean().item()
+        return executed(agent.base, obs, noise_fn(obs)).reshape(256, H, A)[..., 0].mean().item()
 
     gaussian = score(lambda obs: torch.randn(256, P * A, generator=torch.Generator().manual_seed(11)))
     for step in range(150):

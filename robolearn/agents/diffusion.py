@@ -5,7 +5,8 @@ Read top to bottom: config, noise schedule, denoisers (an MLP for states, Chi's 
 1-D temporal UNet for images), the agent (act, sample, update, save/load).
 
 The model: the last `obs_horizon` observations are encoded frame by frame (cameras through the
-shared DrQ conv encoders, proprioception as it is) and concatenated into one conditioning vector;
+shared DrQ conv encoders, proprioception standardized by dataset statistics) and concatenated into
+one conditioning vector;
 the denoiser predicts the noise added to a chunk of `pred_horizon` actions (epsilon prediction,
 MSE at uniformly drawn timesteps of a `train_timesteps` squared-cosine schedule). Acting samples a
 chunk with DDIM in `inference_steps` steps (eta 0: deterministic given the initial noise) from an
@@ -15,8 +16,9 @@ before sampling again (Chi's receding horizon).
 Where this differs from Chi's code, and why: the image encoder is the shared DrQ conv tower with
 random-shift augmentation (Chi: a GroupNorm ResNet-18 with random crops), because a ResNet-18 per
 camera and frame does not fit the CPU budget; the default UNet is 64/128/256 channels wide
-(Chi: 256/512/1024); observations are not normalized by dataset statistics (actions arrive in
-[-1, 1] already, as the env defines them).
+(Chi: 256/512/1024); the proprio statistics come from the first training batch rather than a pass
+over the whole dataset (the agent sees batches, not the dataset), and actions are not normalized
+(they arrive in [-1, 1] already, as the env defines them).
 """
 
 from __future__ import annotations
@@ -74,6 +76,12 @@ class DiffusionConfig:
     batch_size: int = 256
     # Observations
     proprio_keys: tuple[str, ...] = ("state",)
+    # Standardize each proprio dimension by the mean and std of the first training batch (Chi
+    # normalizes by dataset statistics): raw positions vary over centimetres, which the denoiser
+    # barely tells apart. The std is floored at obs_std_min, so near-constant dims (a quaternion)
+    # stay near 0 instead of blowing up.
+    normalize_obs: bool = True
+    obs_std_min: float = 1e-2
     image_keys: tuple[str, ...] | None = None  # None: every images/<cam> in the space
     feature_dim: int = 64  # per camera and frame
     conv_strides: tuple[int, ...] = (2, 2, 2, 1)  # ~5x cheaper than DrQ's (2, 1, 1, 1) at 128x128
@@ -86,7 +94,7 @@ class DiffusionConfig:
         check_fields(self, "DiffusionConfig")
         positive = ("obs_horizon", "pred_horizon", "action_horizon", "kernel_size", "n_groups",
                     "diffusion_step_embed_dim", "train_timesteps", "inference_steps", "lr", "lr_schedule_steps",
-                    "batch_size", "feature_dim", "ema_power")
+                    "batch_size", "feature_dim", "ema_power", "obs_std_min")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"DiffusionConfig.{name} must be positive, got {getattr(self, name)!r}")
@@ -132,8 +140,10 @@ class DiffusionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiffusionConfig":
-        """Inverse of asdict after a JSON round trip (lists back to tuples)."""
+        """Inverse of asdict after a JSON round trip (lists back to tuples); a dict without
+        `normalize_obs` (a checkpoint from before it existed) gets False, as it was trained."""
         tuples = {f.name for f in fields(cls) if "tuple" in str(f.type)}
+        d = {"normalize_obs": False, **d}  # a config saved before the field existed: its weights saw raw obs
         return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in d.items()})
 
 
@@ -319,16 +329,62 @@ class UNetDenoiser(nn.Module):
         return self.head(h).transpose(1, 2)
 
 
-class DiffusionPolicyNet(nn.Module):
-    """Observation encoder and denoiser together: the unit the optimizer and the EMA both cover."""
+class Standardize(nn.Module):
+    """(x - mean) / std for one proprio key, per dimension; identity until set."""
 
-    def __init__(self, encoder: DictObsEncoder, denoiser: nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+class ObsNormalizer(nn.Module):
+    """Dataset statistics of the proprio observations, as buffers (so checkpoints and the EMA copy
+    carry them) with a `fitted` flag: set once, from the first training batch, never recomputed."""
+
+    def __init__(self, dims: dict[str, int]):
+        super().__init__()
+        self.stats = nn.ModuleDict({k: Standardize(d) for k, d in dims.items()})
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def statistics(self, obs: dict[str, torch.Tensor], std_min: float) -> dict[str, tuple]:
+        """Per key (mean, std floored at std_min) over every frame of windows (B, T, D)."""
+        out = {}
+        for k in self.stats:
+            x = obs[k].float().reshape(-1, obs[k].shape[-1])
+            out[k] = (x.mean(0), x.std(0, correction=0).clamp(min=std_min))
+        return out
+
+    @torch.no_grad()
+    def set(self, stats: dict[str, tuple]) -> None:
+        for k, (mean, std) in stats.items():
+            self.stats[k].mean.copy_(mean)
+            self.stats[k].std.copy_(std)
+        self.fitted.fill_(True)
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**obs, **{k: norm(obs[k]) for k, norm in self.stats.items()}}
+
+
+class DiffusionPolicyNet(nn.Module):
+    """Observation normalizer, encoder and denoiser together: the unit the optimizer and the EMA
+    both cover (the normalizer has buffers only, which the agent sets in both copies)."""
+
+    def __init__(self, encoder: DictObsEncoder, denoiser: nn.Module, normalizer: ObsNormalizer | None = None):
         super().__init__()
         self.encoder, self.denoiser = encoder, denoiser
+        self.normalizer = normalizer
 
     def encode(self, obs: dict[str, torch.Tensor], keys: tuple[str, ...], augment: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Windows (B, T, ...) -> (B, T * features): each frame encoded alone, then concatenated."""
+        """Windows (B, T, ...) -> (B, T * features): proprio standardized, each frame encoded alone,
+        then concatenated."""
+        if self.normalizer is not None:
+            obs = self.normalizer(obs)
         b, t = obs[keys[0]].shape[:2]
         flat = {k: obs[k].reshape(b * t, *obs[k].shape[2:]) for k in keys}
         return self.encoder(flat, augment=augment, generator=generator).reshape(b, -1)
@@ -370,7 +426,10 @@ class DiffusionAgent:
             else:
                 denoiser = MLPDenoiser(self.action_dim, cfg.pred_horizon, cond_dim, cfg.diffusion_step_embed_dim,
                                        cfg.mlp_hidden_dims)
-            self.model = DiffusionPolicyNet(encoder, denoiser).to(self.device)
+            normalizer = None
+            if cfg.normalize_obs:
+                normalizer = ObsNormalizer({k: int(observation_space[k].shape[-1]) for k in cfg.proprio_keys})
+            self.model = DiffusionPolicyNet(encoder, denoiser, normalizer).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self._params = list(self.model.parameters())
         self._ema_params = list(self.ema.parameters())
@@ -464,6 +523,7 @@ class DiffusionAgent:
             raise ValueError(f"batch['action'] must be (B, pred_horizon, A) = (B, {shape[0]}, {shape[1]}), "
                              f"got {tuple(actions.shape)}: sample windowed batches (loop_params' pred_horizon)")
         obs = {k: batch["obs"][k].to(self.device) for k in self.obs_keys}
+        self._fit_normalizer(obs)
         k = int(self.updates)
         lr = lr_at(self.cfg, k)
         for group in self.opt.param_groups:
@@ -488,6 +548,18 @@ class DiffusionAgent:
         self.updates += 1
         return {"bc_loss": loss.item(), "lr": lr}
 
+    def _fit_normalizer(self, obs: dict[str, torch.Tensor]) -> None:
+        """Set the proprio statistics of both copies from the first batch; never again once set (a
+        loaded or resumed agent keeps its own). Non-finite statistics are not kept: that batch's loss
+        is non-finite too and raises."""
+        norm = self.model.normalizer
+        if norm is None or bool(norm.fitted):
+            return
+        stats = norm.statistics(obs, self.cfg.obs_std_min)
+        if all(bool(torch.isfinite(torch.stack(ms)).all()) for ms in stats.values()):
+            norm.set(stats)
+            self.ema.normalizer.set(stats)
+
     # -- checkpoints -----------------------------------------------------------------------------
     def _modules(self) -> dict[str, nn.Module]:
         return {"model": self.model, "ema": self.ema}
@@ -496,8 +568,9 @@ class DiffusionAgent:
         return {"update": self.update_gen, "act": self.act_gen}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat name -> tensor (safetensors-ready): weights, EMA weights, AdamW moments, the update
-        counter (which sets the learning rate and EMA decay) and both RNG streams."""
+        """Flat name -> tensor (safetensors-ready): weights and EMA weights (with the observation
+        statistics, `*.normalizer.*`), AdamW moments, the update counter (which sets the learning rate
+        and EMA decay) and both RNG streams."""
         return training_state_to_tensors(self._modules(), {"model": self.opt}, self._generators(),
                                          {"counters/updates": self.updates})
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 MODULES = {"diffusion": "robolearn.agents.diffusion", "drqv2": "robolearn.agents.drqv2",
-           "dsrl": "robolearn.agents.dsrl", "serl": "robolearn.agents.serl"}
+           "dsrl": "robolearn.agents.dsrl", "expo": "robolearn.agents.expo", "serl": "robolearn.agents.serl"}
 
 
 def _nothing(env) -> dict:
@@ -28,7 +28,8 @@ class AgentSpec:
     steps), `nstep`, `gamma`, `frame_stack` (the replay's), `seed_steps` (uniform random actions
     first), and for agents that learn from windows, `obs_horizon` and `pred_horizon` (the replay
     then samples windows, robolearn.replay.ReplayBuffer.sample_windows), or `obs_horizon` and
-    `chunk` for a critic over executed action chunks (ReplayBuffer.sample_chunks).
+    `chunk` for a critic over executed action chunks (ReplayBuffer.sample_chunks), plus `bc_batch` and
+    `pred_horizon` for windows beside them in batch["windows"] (EXPO's base keeps imitating).
     env_defaults(env) -> dict: config fields the env decides (DrQ-v2's action_repeat).
     run_defaults(steps) -> dict: config fields a fresh run's length decides (a schedule's end); --set wins.
     seed_steps_without_demos: random actions first when a run has no --demos (SERL: 1000).

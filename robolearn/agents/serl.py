@@ -216,6 +216,28 @@ def sac_actor_step(agent, feat: torch.Tensor, q_of, batch: dict, step: int) -> t
     agent.actor_updates += 1
     return action.detach(), {"actor_loss": actor_loss.detach(), "entropy": entropy, "alpha_loss": alpha_loss.detach()}
 
+def redq_min(agent, feat: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """REDQ's target value (B,): the min over cfg.critic_subsample target members drawn from agent.update_gen."""
+    cfg = agent.cfg
+    members = torch.randperm(cfg.num_critics, device=agent.device, generator=agent.update_gen)[:cfg.critic_subsample]
+    return agent.critic_target(feat, action, members).min(dim=0).values
+
+
+def critic_step(agent, q: torch.Tensor, target: torch.Tensor, step: int, batch: dict) -> dict[str, torch.Tensor]:
+    """One TD step of agent.critic (its Q-values `q`, (E, B), with their graph) towards `target` (B,), then a
+    Polyak step of agent.critic_target; for an agent with critic_opt, _online/_target parameter lists,
+    cfg.tau and critic_updates (SERLAgent, DSRLAgent, EXPOAgent)."""
+    loss = (q - target).pow(2).mean()  # mean over members and batch, as RLPD
+    check_finite(loss, "critic", step, batch)
+    agent.critic_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    agent.critic_opt.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(agent._target, agent._online, agent.cfg.tau)
+    agent.critic_updates += 1
+    return {"critic_loss": loss.detach(), "q": q.detach().mean(), "target_q": target.mean()}
+
+
 class SERLAgent:
     """RLPD/SERL SAC agent; see the module docstring for the update schedule and observations."""
 
@@ -342,23 +364,12 @@ class SERLAgent:
         with torch.no_grad():
             next_feat = self.encoder(b["next_obs"], augment=True, generator=self.update_gen)
             next_action, next_log_prob = self.actor.sample(next_feat, self.update_gen)
-            members = torch.randperm(cfg.num_critics, device=self.device,
-                                     generator=self.update_gen)[:cfg.critic_subsample]
-            next_q = self.critic_target(next_feat, next_action, members).min(dim=0).values
+            next_q = redq_min(self, next_feat, next_action)
             if cfg.backup_entropy:
                 next_q = next_q - self.alpha * next_log_prob
             target = b["reward"] + b["discount"] * next_q
         feat = self.encoder(b["obs"], augment=True, generator=self.update_gen)
-        q = self.critic(feat, b["action"])  # (E, B)
-        loss = (q - target).pow(2).mean()  # mean over members and batch, as RLPD
-        check_finite(loss, "critic", step, b)
-        self.critic_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.critic_opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(self._target, self._online, cfg.tau)
-        self.critic_updates += 1
-        return feat, {"critic_loss": loss.detach(), "q": q.detach().mean(), "target_q": target.mean()}
+        return feat, critic_step(self, self.critic(feat, b["action"]), target, step, b)
 
     def _update_actor_and_alpha(self, feat: torch.Tensor, b: dict, step: int) -> dict[str, torch.Tensor]:
         # The ensemble mean, as RLPD.

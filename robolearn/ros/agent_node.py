@@ -42,7 +42,8 @@ PARAMS = {  # name: (default, description); docs/ros.md lists them
     "autostart": (True, "configure and activate at startup (no lifecycle manager needed)"),
     "thread_priority": (20, "SCHED_FIFO priority of the control thread, 1-99 (0: normal scheduling); needs an "
                             "rtprio limit or CAP_SYS_NICE, else a warning and normal scheduling"),
-    "torch_threads": (0, "torch threads (0: 1 for a state policy, the idle cores up to 4 with cameras)"),
+    "torch_threads": (0, "torch threads (0: 1 for a state or chunked (diffusion) policy, the idle cores up to 4 "
+                         "for a single-step policy with cameras)"),
     "publish_timing": (False, "publish ~/timing per tick: interval, compute, latency, receipt latency, missed"),
     "publish_steps": (False, "publish ~/steps: [episode, step, *state, *action] per step, [episode, -1, success] at the end"),
     "estop_topic": (common.ESTOP, "std_msgs/Bool; True latches the e-stop until ~/reset_estop"),
@@ -178,7 +179,11 @@ class AgentNode(LifecycleNode):
         bad = checkpoint_mismatches(config, env)
         if bad:
             raise ValueError(f"checkpoint {p['checkpoint']} does not fit this robot: " + "; ".join(bad))
-        self._torch_threads(bool(shapes))
+        # A chunked policy samples one chunk per action_horizon ticks with small convolutions at batch 1,
+        # which more threads slow down (bench/diffusion_inference.py: 38 ms on 1 thread, 86-104 ms on 2).
+        chunked = "obs_horizon" in config.get("agent_config", {}).get("config", {}) or \
+            "base_config" in config.get("agent_config", {}).get("config", {})
+        self._torch_threads(bool(shapes) and not chunked)
         self.agent, _ = load_agent(p["checkpoint"], env)
         self.env = env
         gc.collect()

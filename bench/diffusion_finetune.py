@@ -1,0 +1,215 @@
+"""Diffusion policy fine-tuning from imperfect demos, on PandaPickCube and PandaPegInsert from states.
+
+Per task and seed: record 20 deliberately imperfect scripted demos (Gaussian noise on the expert's
+motion, and a fumble in a fraction of episodes), behaviour-clone the diffusion policy from them
+(`bc_success`), then fine-tune that policy online with DSRL and EXPO (`--base`), and train SERL/RLPD
+(robolearn's CPU setting) from the same demos as the baseline to beat, each for --frames env steps,
+evaluating every --eval-every steps on 20 fixed episodes and stopping at 90% success. SERL's dense
+pick-cube reward and 100-step episodes (no termination on success), as bench/serl_pickcube.py.
+
+Last stdout line, one JSON object: per task (`tasks` -> env id) `demo_success`, `bc_success`,
+`dsrl_env_steps_to_90`, `expo_env_steps_to_90`, `rlpd_env_steps_to_90` (one per seed, null if never),
+`dsrl_final_success`, `expo_final_success`, `rlpd_final_success`, `minutes` (per stage and seed) and
+`beats_rlpd` (per method: its median steps to 90% below RLPD's, never counting as budget + 1); then
+`goal_met` (both methods beat RLPD on every task). `--quick`: one seed, 2000 env steps, 3000 BC updates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import robolearn.sim as rsim
+from robolearn.rollout import run_episodes, scripted_policy
+
+# The fumble strikes at a step drawn in this fraction of the episode: after the expert has
+# grasped and lifted the cube (step ~33 of 100) or inserted the peg (~10), so it undoes progress.
+FUMBLE_WINDOW = (0.3, 0.7)
+
+
+class ImperfectExpert:
+    """The task's scripted expert with N(0, noise^2) added to its motion dims at every step and, in a
+    `fumble` fraction of episodes, a failure from a random step on: with a gripper (PickCube) the
+    gripper opens and stays open, dropping the cube; without one (PegInsert) the arm pulls straight
+    up, drawing the peg out of the hole. `reset()` (called by run_episodes) draws the next episode's."""
+
+    def __init__(self, env, rng: np.random.Generator, noise: float, fumble: float):
+        self.env, self.rng, self.noise, self.fumble = env.unwrapped, rng, float(noise), float(fumble)
+        self.expert = scripted_policy(env)
+        self.gripper = bool(self.env.task.uses_gripper)
+        self.motion_dims = int(np.prod(env.action_space.shape)) - int(self.gripper)
+        self.fumble_at: int | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        lo, hi = (int(f * self.env.cfg.max_episode_steps) for f in FUMBLE_WINDOW)
+        self.fumble_at = int(self.rng.integers(lo, hi)) if self.rng.random() < self.fumble else None
+
+    def __call__(self, obs) -> np.ndarray:
+        a = np.asarray(self.expert(obs), np.float32).copy()
+        if self.fumble_at is not None and self.env.elapsed_steps >= self.fumble_at:
+            if self.gripper:
+                a[-1] = -1.0  # open
+            else:
+                a[:self.motion_dims] = 0.0
+                a[2] = 1.0  # straight up
+        a[:3] += self.rng.normal(0.0, self.noise, 3)
+        return np.clip(a, -1.0, 1.0).astype(np.float32)
+
+
+def imperfect_expert(env, rng: np.random.Generator, noise: float, fumble: float) -> ImperfectExpert:
+    """The scripted expert of `env`'s task made imperfect (see ImperfectExpert): a policy for run_episodes."""
+    return ImperfectExpert(env, rng, noise, fumble)
+
+
+def record_demos(env_id: str, env_kwargs: dict, path: str | Path, episodes: int, seed: int, noise: float,
+                 fumble: float) -> float:
+    """Record `episodes` imperfect-expert episodes (env seeds 10_000 + 100 * seed, ..., noise and fumbles
+    drawn from `seed`) as a new dataset at `path` (robolearn.demos.dataset); returns their success rate."""
+    from robolearn.demos.dataset import DatasetWriter
+
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):  # DatasetWriter would append to it
+        raise FileExistsError(f"{path} is not empty: record_demos writes a new dataset")
+    env = rsim.make(env_id, **env_kwargs)
+    policy = imperfect_expert(env, np.random.default_rng(seed), noise, fumble)
+    with DatasetWriter(Path(path), env_id, env.observation_space, env.action_space, fps=10) as writer:
+        result = run_episodes(env, policy, episodes, seed=10_000 + 100 * seed, recorder=writer)
+    env.close()
+    return result.success_rate
+
+# The bench's settings, from the BC sweep in docs/benchmarks.md: per task the (noise, fumble) under
+# which 20 demos succeed 65-80% of the time (PegInsert's tolerance is millimetres, so less noise),
+# then BC at lr 1e-3 with normalized observations.
+ENV_KWARGS = {"terminate_on_success": False}  # SERL's pick-cube: the episode runs its 100 steps
+DEMO_SETTINGS = {"robolearn/PandaPickCube-v0": (0.3, 0.2), "robolearn/PandaPegInsert-v0": (0.1, 0.3)}
+BC_UPDATES = 10_000
+BC_OVERRIDES = {"lr": 1e-3, "warmup_steps": 100}
+
+
+# -- the bench ----------------------------------------------------------------------------------
+
+TASKS = {"pick": "robolearn/PandaPickCube-v0", "peg": "robolearn/PandaPegInsert-v0"}
+METHODS = ("dsrl", "expo", "rlpd")
+
+
+def to_90(history: dict) -> int | None:
+    """Env steps of the first evaluation at 90% success or more; None if none reached it."""
+    return next((int(steps) for steps, _ret, success, _s in history["eval"] if success >= 0.9), None)
+
+
+def run(cfg) -> tuple[dict, dict]:
+    """train(cfg) and the run's history.json."""
+    import json
+
+    from robolearn.train import train
+
+    out = train(cfg)
+    return out, json.loads((Path(cfg.out) / "history.json").read_text())
+
+
+def bench_task(env_id: str, seeds: list[int], args, root: Path, tmp: Path) -> dict:
+    """BC, then each method, per seed, for one task: the per-task JSON block."""
+    import shutil
+
+    from robolearn.agents.serl import CPU_OVERRIDES
+    from robolearn.train import TrainConfig
+
+    name = env_id.split("/")[-1]
+    res: dict = {"demo_success": [], "bc_success": [], "minutes": {m: [] for m in ("bc", *args.methods)}}
+    for m in args.methods:
+        res[f"{m}_env_steps_to_90"], res[f"{m}_final_success"] = [], []
+    for seed in seeds:
+        demos = tmp / f"{name}_demos_{seed}"
+        noise, fumble = DEMO_SETTINGS[env_id]
+        noise = noise if args.noise is None else args.noise
+        fumble = fumble if args.fumble is None else args.fumble
+        res["demo_success"].append(record_demos(env_id, ENV_KWARGS, demos, args.demos, seed, noise, fumble))
+        res["demo_noise"], res["demo_fumble"] = noise, fumble
+        common = dict(env=env_id, seed=seed, demos=str(demos), eval_episodes=args.eval_episodes, video=False,
+                      save_replay=False, env_kwargs=ENV_KWARGS)
+        runs = root / name / f"seed{seed}"
+        shutil.rmtree(runs, ignore_errors=True)  # the bench's own previous run
+        out, _ = run(TrainConfig(agent="diffusion", out=str(runs / "bc"), frames=args.bc_updates,
+                                 eval_every=args.bc_updates, checkpoint_every=args.bc_updates,
+                                 agent_overrides=BC_OVERRIDES, **common))
+        res["bc_success"].append(out["final_success"])
+        res["minutes"]["bc"].append(round(out["minutes"], 2))
+        print(f"{name} seed {seed}: demos {res['demo_success'][-1]:.0%}, BC {out['final_success']:.0%}", flush=True)
+        for m in args.methods:
+            agent, overrides = ("serl", dict(CPU_OVERRIDES)) if m == "rlpd" else (m, {"base": out["checkpoint"]})
+            fine, history = run(TrainConfig(agent=agent, out=str(runs / m), frames=args.frames, target_success=0.9,
+                                            eval_every=args.eval_every, checkpoint_every=args.frames,
+                                            agent_overrides=overrides, **common))
+            res[f"{m}_env_steps_to_90"].append(to_90(history))
+            res[f"{m}_final_success"].append(fine["final_success"])
+            res["minutes"][m].append(round(fine["minutes"], 2))
+            print(f"{name} seed {seed} {m}: steps to 90% {to_90(history)}, final {fine['final_success']:.0%}, "
+                  f"{fine['minutes']:.1f} min", flush=True)
+    return res
+
+
+def beats_rlpd(res: dict, method: str, budget: int) -> bool:
+    """The median of the method's steps to 90% (never: budget + 1) below RLPD's."""
+    import statistics
+
+    def med(key):
+        return statistics.median(budget + 1 if s is None else s for s in res[key])
+    return med(f"{method}_env_steps_to_90") < med("rlpd_env_steps_to_90")
+
+
+def main() -> None:
+    import argparse
+    import json
+    import tempfile
+
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--frames", type=int, default=20_000, help="env steps per fine-tuning run (default 20000)")
+    parser.add_argument("--bc-updates", type=int, default=BC_UPDATES, help=f"BC updates (default {BC_UPDATES})")
+    parser.add_argument("--demos", type=int, default=20)
+    parser.add_argument("--noise", type=float, help="demo action noise for every task (default: per task, "
+                                                     "PickCube 0.3, PegInsert 0.1)")
+    parser.add_argument("--fumble", type=float, help="share of demo episodes with a fumble for every task (default: "
+                                                      "per task, PickCube 0.2, PegInsert 0.3)")
+    parser.add_argument("--eval-every", type=int, default=1000)
+    parser.add_argument("--eval-episodes", type=int, default=20)
+    parser.add_argument("--quick", action="store_true",
+                        help="one seed, 2000 env steps per method, 3000 BC updates: a fast check that it all runs")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the base's sampling at "
+                                                                   "batch sizes of thousands gains little from 2 here)")
+    parser.add_argument("--out", default="runs/bench_diffusion_finetune", help="run directories, replaced per run")
+    args = parser.parse_args()
+    for name in ("frames", "bc_updates", "demos", "eval_every", "eval_episodes", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if (args.fumble is not None and not 0 <= args.fumble <= 1) or (args.noise is not None and args.noise < 0):
+        parser.error("--fumble must be in [0, 1] and --noise at least 0")
+    if args.quick:
+        args.seeds, args.frames, args.bc_updates = args.seeds[:1], 2_000, min(args.bc_updates, 3_000)
+    torch.set_num_threads(args.threads)
+    import time
+
+    t0 = time.perf_counter()
+    result = {"seeds": args.seeds, "frames_budget": args.frames, "bc_updates": args.bc_updates, "demos": args.demos,
+              "methods": args.methods, "tasks": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in args.tasks:
+            res = bench_task(TASKS[task], args.seeds, args, Path(args.out), Path(tmp))
+            if "rlpd" in args.methods:
+                res["beats_rlpd"] = {m: beats_rlpd(res, m, args.frames) for m in args.methods if m != "rlpd"}
+            result["tasks"][TASKS[task]] = res
+    result["goal_met"] = bool(result["tasks"]) and all(
+        all(res.get("beats_rlpd", {}).values()) and res.get("beats_rlpd") for res in result["tasks"].values())
+    result["minutes_total"] = round((time.perf_counter() - t0) / 60, 1)
+    result["threads"], result["device"] = args.threads, "cuda" if torch.cuda.is_available() else "cpu"
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

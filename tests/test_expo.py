@@ -1,0 +1,239 @@
+"""EXPO: the update (critic over chunks, edit policy, the base's BC step), the on-the-fly policy's
+max-Q choice, the edit bound, self-contained checkpoints, the errors it raises, and the whole
+BC-then-EXPO path through the training loop."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_dsrl import A, ACTIONS, SPACE, TO, H, P, changed, chunk_batch, observations, params, save_like_trainer, tiny_base
+
+from robolearn.agents.errors import NonFiniteLossError
+from robolearn.agents.expo import AGENT, EXPOAgent, EXPOConfig, loop_params
+from robolearn.agents.serl import SERLAgent, SERLConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def tiny_cfg(base, **kw) -> EXPOConfig:
+    fields = dict(base=str(base), hidden_dims=(32, 32), num_critics=4, critic_subsample=2, batch_size=8, utd_ratio=2,
+                  num_samples=3, init_temperature=0.1)
+    return EXPOConfig(**{**fields, **kw})
+
+
+def expo_batch(n: int, seed: int = 0, bc: int = 8) -> dict:
+    """Chunk transitions plus the BC windows (pred_horizon P actions) the loop samples beside them."""
+    g = torch.Generator().manual_seed(seed + 100)
+    batch = chunk_batch(n, seed)
+    batch["windows"] = {"obs": {"state": torch.randn(bc, TO, 3, generator=g)},
+                        "action": torch.rand(bc, P, A, generator=g) * 2 - 1}
+    return batch
+
+
+def test_update_trains_critic_edit_policy_and_the_base(tmp_path):
+    agent = EXPOAgent(SPACE, ACTIONS, tiny_cfg(tiny_base(tmp_path)), device="cpu")
+    assert agent.name == "expo" and agent.chunk_dim == H * A
+    nets = {"actor": agent.actor, "critic": agent.critic, "critic_target": agent.critic_target,
+            "base model": agent.base.model, "base ema": agent.base.ema}
+    before = {k: params(m) for k, m in nets.items()}
+    alpha_before = float(agent.log_alpha.detach())
+    m = agent.update(expo_batch(16), step=0)
+    assert {"critic_loss", "q", "target_q", "actor_loss", "entropy", "alpha_loss", "alpha", "edit_abs",
+            "bc_loss"} <= set(m)
+    assert all(np.isfinite(v) for v in m.values())
+    for k, module in nets.items():
+        assert changed(before[k], module), f"{k} did not change"
+    assert float(agent.log_alpha.detach()) != alpha_before
+    assert int(agent.critic_updates) == 2 and int(agent.actor_updates) == 1 and int(agent.base.updates) == 1
+    assert m["edit_abs"] <= agent.cfg.edit_scale
+    # The base learns at base_lr from the first step: the BC run's schedule does not carry over.
+    assert agent.base.opt.param_groups[0]["lr"] == pytest.approx(agent.cfg.base_lr, rel=1e-6)
+
+
+def test_act_executes_the_highest_q_candidate_and_edits_stay_within_the_scale(tmp_path):
+    agent = EXPOAgent(SPACE, ACTIONS, tiny_cfg(tiny_base(tmp_path), edit_scale=0.2), device="cpu")
+    obs = observations(2 * H)
+    for explore in (False, True):
+        agent.reset()
+        gen = torch.Generator().set_state(agent.act_gen.get_state())  # the candidates act() is about to draw
+        window = {"state": torch.as_tensor(np.stack([obs[0]["state"]] * TO))[None]}
+        with torch.no_grad():
+            f, chunks = agent.candidates(window, agent._features(window), explore, gen)
+            q = agent.critic(f, chunks).mean(dim=0)
+        n = agent.cfg.num_samples
+        assert chunks.shape == (2 * n, H * A)
+        edit = chunks[n:] - chunks[:n]
+        assert edit.abs().max() <= 0.2 + 1e-6 and edit.abs().max() > 0
+        first = np.stack([agent.act(o, explore=explore) for o in obs[:H]])
+        np.testing.assert_allclose(first, chunks[q.argmax()].reshape(H, A).numpy(), rtol=0, atol=1e-6)
+        agent.act(obs[H], explore=explore)  # a new chunk: the queue was spent
+        assert len(agent._chunks.queue) == H - 1
+
+
+def test_the_td_target_takes_the_best_candidate(tmp_path):
+    """With one critic member and a subsample of one, the target is r + discount * max over the 2N candidates."""
+    agent = EXPOAgent(SPACE, ACTIONS, tiny_cfg(tiny_base(tmp_path), num_critics=1, critic_subsample=1, utd_ratio=1),
+                      device="cpu")
+    batch = expo_batch(8)
+    gen = torch.Generator().set_state(agent.update_gen.get_state())
+    next_obs = batch["next_obs"]
+    with torch.no_grad():
+        f, chunks = agent.candidates(next_obs, agent._features(next_obs), True, gen)
+        best = agent.critic_target(f, chunks).reshape(8, -1).max(dim=1).values
+        randperm = torch.randperm(1, generator=gen)  # the member draw redq_min makes
+    assert randperm.tolist() == [0]
+    expected = batch["reward"] + batch["discount"] * best
+    m = agent.update(batch, step=0)
+    assert m["target_q"] == pytest.approx(expected.mean().item(), rel=1e-5)
+
+
+def test_state_dict_round_trips_without_the_base_file(tmp_path):
+    base_dir = tiny_base(tmp_path / "base")
+    agent = EXPOAgent(SPACE, ACTIONS, tiny_cfg(base_dir), device="cpu")
+    agent.update(expo_batch(16), step=0)
+    save_file(agent.state_dict(), str(tmp_path / "expo.safetensors"))
+    saved_config = json.loads(json.dumps(agent.config_dict()))
+    shutil.rmtree(base_dir)
+
+    clone = EXPOAgent(SPACE, ACTIONS, EXPOConfig.from_dict(saved_config["config"]), device="cpu")
+    with pytest.raises(RuntimeError, match="load_state_dict"):
+        clone.update(expo_batch(16), step=1)
+    clone.load_state_dict(load_file(str(tmp_path / "expo.safetensors")))
+    state, loaded = agent.state_dict(), clone.state_dict()
+    assert state.keys() == loaded.keys() and any(k.startswith("base_model.") for k in state)
+    assert all(torch.equal(state[k], loaded[k]) for k in state)
+    # Training continues identically: same RNG streams, same Adam moments, same base counter.
+    a, b = agent.update(expo_batch(16, seed=1), step=1), clone.update(expo_batch(16, seed=1), step=1)
+    assert a == b
+    for explore in (False, True):
+        agent.reset()
+        clone.reset()
+        for o in observations(2 * H + 1):
+            np.testing.assert_array_equal(agent.act(o, explore=explore), clone.act(o, explore=explore))
+
+
+def test_bad_bases_configs_and_batches_are_one_line_errors(tmp_path):
+    serl = save_like_trainer(SERLAgent(SPACE, ACTIONS, SERLConfig(hidden_dims=(16, 16)), device="cpu"), tmp_path / "s")
+    with pytest.raises(ValueError, match=r"EXPOConfig\.base: .*'serl' checkpoint, not a diffusion") as err:
+        EXPOAgent(SPACE, ACTIONS, tiny_cfg(serl), device="cpu")
+    assert "\n" not in str(err.value)
+    base = tiny_base(tmp_path / "b")
+    with pytest.raises(ValueError, match=r"EXPOConfig\.base: the base's action_dim is 2"):
+        EXPOAgent(SPACE, gym.spaces.Box(-1.0, 1.0, (3,), np.float32), tiny_cfg(base), device="cpu")
+    with pytest.raises(ValueError, match=r"EXPOConfig\.base is required"):
+        EXPOAgent(SPACE, ACTIONS, EXPOConfig(), device="cpu")
+
+    class ShortEpisodes:  # an env whose episodes are shorter than the base's chunk
+        class cfg:
+            max_episode_steps = H - 1
+    with pytest.raises(ValueError, match=r"action_horizon is 4 steps, longer than this env's episodes"):
+        loop_params(tiny_cfg(base), ShortEpisodes())
+
+    for kw, field in [({"edit_scale": 0.0}, "edit_scale"), ({"edit_scale": 3.0}, "edit_scale"),
+                      ({"num_samples": 0}, "num_samples"), ({"base_ema_decay": 1.5}, "base_ema_decay"),
+                      ({"num_critics": 2, "critic_subsample": 3}, "critic_subsample"),
+                      ({"activation": "sigmoid"}, "activation")]:
+        with pytest.raises(ValueError, match=field):
+            EXPOConfig(**kw)
+    with pytest.raises(ValueError, match="no field 'bogus'"):
+        EXPOConfig.from_dict({"bogus": 1})
+
+    agent = EXPOAgent(SPACE, ACTIONS, tiny_cfg(base), device="cpu")
+    before = params(agent.critic)
+    with pytest.raises(ValueError, match="windows"):
+        agent.update(chunk_batch(16), step=0)
+    batch = expo_batch(16)
+    batch["reward"][2] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="critic"):
+        agent.update(batch, step=3)
+    batch = expo_batch(16)
+    batch["windows"]["action"][1, 2, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="bc"):
+        agent.update(batch, step=3)
+    assert not changed(before, agent.critic)
+
+
+def test_loop_params_ask_for_chunks_and_bc_windows(tmp_path):
+    cfg = tiny_cfg(tiny_base(tmp_path), batch_size=16, utd_ratio=5, gamma=0.98)
+    assert loop_params(cfg, None) == {"batch": 80, "every": H, "nstep": 1, "gamma": 0.98, "frame_stack": 1,
+                                      "seed_steps": 0, "obs_horizon": TO, "chunk": H, "bc_batch": 16,
+                                      "pred_horizon": P}
+    assert AGENT.name == "expo" and AGENT.agent_cls is EXPOAgent and AGENT.config_cls is EXPOConfig
+
+
+def test_raises_the_reward_above_the_base(tmp_path):
+    """Reward is the executed chunk's first action coordinate and every chunk ends the episode: the max-Q
+    choice among base samples and their edits must score higher than the base's own samples."""
+    agent = EXPOAgent(SPACE, ACTIONS, tiny_cfg(tiny_base(tmp_path), lr=3e-3, batch_size=32, init_temperature=1e-3,
+                                               edit_scale=0.3, num_samples=4), device="cpu")
+    agent.base.update = lambda batch, step: {"bc_loss": 0.0}  # the base stays as it is: this checks the RL part
+    g = torch.Generator().manual_seed(5)
+    obs = {"state": torch.randn(64, TO, 3, generator=torch.Generator().manual_seed(9))}
+
+    def score(pick: bool) -> float:
+        gen = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            f, chunks = agent.candidates(obs, agent._features(obs), False, gen)
+            k = 2 * agent.cfg.num_samples
+            if pick:
+                best = agent.critic(f, chunks).mean(dim=0).reshape(64, k).argmax(dim=1)
+                chosen = chunks.reshape(64, k, -1)[torch.arange(64), best]
+            else:
+                chosen = chunks.reshape(64, k, -1)[:, 0]  # one base sample per state
+        return chosen.reshape(64, H, A)[..., 0].mean().item()
+
+    base_score = score(pick=False)
+    for step in range(100):
+        batch = expo_batch(64, seed=step)
+        batch["action"] = torch.rand(64, H, A, generator=g) * 2 - 1
+        batch["reward"] = batch["action"][..., 0].mean(dim=1)
+        batch["discount"] = torch.zeros(64)
+        agent.update(batch, step)
+    picked = score(pick=True)
+    print("scores", base_score, picked)
+    assert picked > base_score + 0.3, (base_score, picked)
+
+
+def test_expo_trains_through_the_loop_from_a_bc_base_and_its_checkpoint_evaluates(tmp_path):
+    """BC a diffusion base from demos, fine-tune it with --agent expo (chunks and BC windows from the mixed
+    replay, one update per chunk), and evaluate the self-contained checkpoint."""
+    import robolearn.sim as rsim
+    from robolearn.demos.dataset import DatasetWriter
+    from robolearn.rollout import run_episodes, scripted_policy
+    from robolearn.train import TrainConfig, Trainer, evaluate, load_agent
+
+    reach = "robolearn/PandaReach-v0"
+    env = rsim.make(reach)
+    with DatasetWriter(tmp_path / "demos", reach, env.observation_space, env.action_space, fps=10) as writer:
+        run_episodes(env, scripted_policy(env), 4, seed=10_000, recorder=writer)
+    env.close()
+    tiny = {"batch_size": 16, "mlp_hidden_dims": [32], "diffusion_step_embed_dim": 8, "inference_steps": 2}
+    common = dict(env=reach, demos=str(tmp_path / "demos"), eval_every=10_000, eval_episodes=1,
+                  checkpoint_every=10_000, video=False)
+    base = Trainer(TrainConfig(agent="diffusion", out=str(tmp_path / "bc"), frames=20, agent_overrides=tiny, **common))
+    try:
+        base_ckpt = base.run()["checkpoint"]
+    finally:
+        base.close()
+    fine = Trainer(TrainConfig(agent="expo", out=str(tmp_path / "expo"), frames=40, save_replay=False, **common,
+                               agent_overrides={"base": base_ckpt, "batch_size": 8, "utd_ratio": 1,
+                                                "hidden_dims": [16], "num_critics": 2, "num_samples": 2}))
+    try:
+        assert fine.params["chunk"] == 8 and fine.params["every"] == 8 and fine.params["bc_batch"] == 8
+        result = fine.run()
+        assert int(fine.agent.base.updates) == 20 + 40 // 8  # the BC run's updates, then one per chunk
+    finally:
+        fine.close()
+    assert result["env_steps"] == 40 and "rejected_actions" not in result
+    agent, config = load_agent(result["checkpoint"])
+    assert config["agent"] == "expo"
+    env = rsim.make(reach)
+    rate, ret, _ = evaluate(agent, env, 1)
+    env.close()
+    assert 0.0 <= rate <= 1.0 and np.isfinite(ret)
