@@ -5,13 +5,12 @@ Read top to bottom: config, noise schedule, denoisers (an MLP for states, Chi's 
 1-D temporal UNet for images), the agent (act, sample, update, save/load).
 
 The model: the last `obs_horizon` observations are encoded frame by frame (cameras through the
-shared DrQ conv encoders, proprioception standardized by dataset statistics) and concatenated into
-one conditioning vector;
-the denoiser predicts the noise added to a chunk of `pred_horizon` actions (epsilon prediction,
-MSE at uniformly drawn timesteps of a `train_timesteps` squared-cosine schedule). Acting samples a
-chunk with DDIM in `inference_steps` steps (eta 0: deterministic given the initial noise) from an
-EMA copy of the weights, and executes actions [obs_horizon-1, obs_horizon-1+action_horizon) of it
-before sampling again (Chi's receding horizon).
+shared DrQ conv encoders, proprioception standardized by dataset statistics) and concatenated
+into one conditioning vector; the denoiser predicts the noise added to a chunk of `pred_horizon`
+actions (epsilon prediction, MSE at uniformly drawn timesteps of a `train_timesteps`
+squared-cosine schedule). Acting samples a chunk with DDIM in `inference_steps` steps (eta 0:
+deterministic given the initial noise) from an EMA copy of the weights, and executes actions
+[obs_horizon-1, obs_horizon-1+action_horizon) of it before sampling again (Chi's receding horizon).
 
 Where this differs from Chi's code, and why: the image encoder is the shared DrQ conv tower with
 random-shift augmentation (Chi: a GroupNorm ResNet-18 with random crops), because a ResNet-18 per
@@ -390,6 +389,38 @@ class DiffusionPolicyNet(nn.Module):
         return self.encoder(flat, augment=augment, generator=generator).reshape(b, -1)
 
 
+class ChunkHistory:
+    """An episode's last obs_horizon observations and the rest of the chunk being executed: the
+    acting state of every chunked agent (diffusion, DSRL, EXPO)."""
+
+    def __init__(self, keys: tuple[str, ...], obs_horizon: int):
+        self.keys = keys
+        self.history: deque[dict[str, np.ndarray]] = deque(maxlen=obs_horizon)
+        self.queue: deque[np.ndarray] = deque()
+
+    def clear(self) -> None:
+        self.history.clear()
+        self.queue.clear()
+
+    def push(self, obs: dict[str, np.ndarray], device) -> dict[str, torch.Tensor] | None:
+        """Record `obs`; the window (1, obs_horizon, ...) when a new chunk is due, else None."""
+        obs = {k: np.asarray(obs[k]) for k in self.keys}
+        if not self.history:
+            self.history.extend([obs] * self.history.maxlen)  # an episode's first obs, repeated (as the base)
+        else:
+            self.history.append(obs)
+        if self.queue:
+            return None
+        return {k: torch.as_tensor(np.stack([o[k] for o in self.history]), device=device).unsqueeze(0)
+                for k in self.keys}
+
+    def next_action(self, chunk: torch.Tensor | None = None) -> np.ndarray:
+        """The next action, after queueing `chunk` (action_horizon, A) when a new one was sampled."""
+        if chunk is not None:
+            self.queue.extend(chunk.cpu().numpy().astype(np.float32))
+        return self.queue.popleft()
+
+
 # -- the agent ----------------------------------------------------------------------------------
 
 class DiffusionAgent:
@@ -444,30 +475,21 @@ class DiffusionAgent:
         self.update_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.act_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
         self.updates = torch.zeros((), dtype=torch.int64)
-        self._history: deque[dict[str, np.ndarray]] = deque(maxlen=cfg.obs_horizon)
-        self._queue: deque[np.ndarray] = deque()
+        self._chunks = ChunkHistory(self.obs_keys, cfg.obs_horizon)
 
     # -- acting ----------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the observation history and the planned actions (at every episode start)."""
-        self._history.clear()
-        self._queue.clear()
+        self._chunks.clear()
 
     def act(self, obs: dict[str, np.ndarray], explore: bool) -> np.ndarray:
         """The next action (A,) of the current chunk, sampling a new chunk when the last is spent.
         `explore` changes nothing: the policy samples from the learned distribution either way."""
-        obs = {k: np.asarray(obs[k]) for k in self.obs_keys}
-        if not self._history:
-            self._history.extend([obs] * self.obs_horizon)  # an episode's first obs, repeated
-        else:
-            self._history.append(obs)
-        if not self._queue:
-            window = {k: torch.as_tensor(np.stack([o[k] for o in self._history]), device=self.device).unsqueeze(0)
-                      for k in self.obs_keys}
-            chunk = self.sample(window)[0].cpu().numpy().astype(np.float32)
-            start = self.obs_horizon - 1
-            self._queue.extend(chunk[start:start + self.action_horizon])
-        return self._queue.popleft()
+        window = self._chunks.push(obs, self.device)
+        if window is None:
+            return self._chunks.next_action()
+        start = self.obs_horizon - 1
+        return self._chunks.next_action(self.sample(window)[0, start:start + self.action_horizon])
 
     @torch.no_grad()
     def sample(self, obs_window: dict[str, torch.Tensor], noise: torch.Tensor | None = None,

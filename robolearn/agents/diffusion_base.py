@@ -14,12 +14,10 @@ its base from it and gets the weights from its own state_dict).
 from __future__ import annotations
 
 import copy
-from collections import deque
-
 import numpy as np
 import torch
 
-from robolearn.agents.diffusion import DiffusionAgent, DiffusionConfig
+from robolearn.agents.diffusion import ChunkHistory, DiffusionAgent, DiffusionConfig
 
 # Rows per base.sample call: bounds the memory of a UNet base over a batch of thousands of windows.
 SAMPLE_ROWS = 1024
@@ -146,37 +144,6 @@ def check_windows(obs: dict[str, torch.Tensor], keys, obs_horizon: int, part: st
         raise ValueError(f"batch['{part}'] must hold windows of obs_horizon={obs_horizon} steps, got shapes "
                          f"{bad}: sample chunk transitions (loop_params' obs_horizon and chunk)")
     return {k: obs[k].to(device) for k in keys}
-
-
-class ChunkHistory:
-    """An episode's last obs_horizon observations and the rest of the chunk being executed."""
-
-    def __init__(self, keys: tuple[str, ...], obs_horizon: int):
-        self.keys = keys
-        self.history: deque[dict[str, np.ndarray]] = deque(maxlen=obs_horizon)
-        self.queue: deque[np.ndarray] = deque()
-
-    def clear(self) -> None:
-        self.history.clear()
-        self.queue.clear()
-
-    def push(self, obs: dict[str, np.ndarray], device) -> dict[str, torch.Tensor] | None:
-        """Record `obs`; the window (1, obs_horizon, ...) when a new chunk is due, else None."""
-        obs = {k: np.asarray(obs[k]) for k in self.keys}
-        if not self.history:
-            self.history.extend([obs] * self.history.maxlen)  # an episode's first obs, repeated (as the base)
-        else:
-            self.history.append(obs)
-        if self.queue:
-            return None
-        return {k: torch.as_tensor(np.stack([o[k] for o in self.history]), device=device).unsqueeze(0)
-                for k in self.keys}
-
-    def next_action(self, chunk: torch.Tensor | None = None) -> np.ndarray:
-        """The next action, after queueing `chunk` (action_horizon, A) when a new one was sampled."""
-        if chunk is not None:
-            self.queue.extend(chunk.cpu().numpy().astype(np.float32))
-        return self.queue.popleft()
 
 
 def config_from_dict(cls, d: dict):
