@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_dsrl import A, ACTIONS, SPACE, TO, H, P, changed, chunk_batch, observations, params, save_like_trainer, tiny_base
 
-from robolearn.agents.errors import NonFiniteLossError
+from robolearn.agents.diffusion import DiffusionAgent, DiffusionConfig
+from robolearn.agents.errors import NonFiniteActionError, NonFiniteLossError
 from robolearn.agents.expo import AGENT, EXPOAgent, EXPOConfig, loop_params
 from robolearn.agents.serl import SERLAgent, SERLConfig
 
@@ -52,8 +53,27 @@ def test_update_trains_critic_edit_policy_and_the_base(tmp_path):
     assert float(agent.log_alpha.detach()) != alpha_before
     assert int(agent.critic_updates) == 2 and int(agent.actor_updates) == 1 and int(agent.base.updates) == 1
     assert m["edit_abs"] <= agent.cfg.edit_scale
-    # The base learns at base_lr from the first step: the BC run's schedule does not carry over.
-    assert agent.base.opt.param_groups[0]["lr"] == pytest.approx(agent.cfg.base_lr, rel=1e-6)
+
+
+def test_the_base_keeps_learning_at_base_lr_after_its_bc_schedule_ended(tmp_path):
+    """A BC base whose cosine schedule ended (lr 0 at 1000 of lr_schedule_steps=1000) learns at base_lr
+    under EXPO, with its EMA decay capped at base_ema_decay."""
+    from robolearn.agents.diffusion import ema_decay, lr_at
+
+    bc = DiffusionAgent(SPACE, ACTIONS, DiffusionConfig(
+        obs_horizon=TO, pred_horizon=P, action_horizon=H, denoiser="mlp", mlp_hidden_dims=(32, 32),
+        diffusion_step_embed_dim=8, train_timesteps=20, inference_steps=4, batch_size=8, warmup_steps=10,
+        lr_schedule_steps=1000), device="cpu")
+    bc.updates.fill_(1000)
+    assert lr_at(bc.cfg, 1000) == 0.0 and ema_decay(bc.cfg, 1000) > 0.99
+    agent = EXPOAgent(SPACE, ACTIONS, tiny_cfg(save_like_trainer(bc, tmp_path), base_lr=3e-4, base_ema_decay=0.9),
+                      device="cpu")
+    assert int(agent.base.updates) == 1000
+    before = params(agent.base.model)
+    agent.update(expo_batch(16), step=0)
+    assert agent.base.opt.param_groups[0]["lr"] == pytest.approx(3e-4, rel=1e-6)
+    assert changed(before, agent.base.model)
+    assert ema_decay(agent.base.cfg, 1001) == 0.9
 
 
 def test_act_executes_the_highest_q_candidate_and_edits_stay_within_the_scale(tmp_path):
@@ -76,21 +96,41 @@ def test_act_executes_the_highest_q_candidate_and_edits_stay_within_the_scale(tm
         assert len(agent._chunks.queue) == H - 1
 
 
-def test_the_td_target_takes_the_best_candidate(tmp_path):
-    """With one critic member and a subsample of one, the target is r + discount * max over the 2N candidates."""
-    agent = EXPOAgent(SPACE, ACTIONS, tiny_cfg(tiny_base(tmp_path), num_critics=1, critic_subsample=1, utd_ratio=1),
+def test_the_td_target_takes_each_rows_best_candidate(tmp_path, monkeypatch):
+    """With one critic member and a subsample of one, each row's target is r + discount * the max over its
+    own 2N candidates at s', in every strided minibatch."""
+    import robolearn.agents.expo as expo
+
+    agent = EXPOAgent(SPACE, ACTIONS, tiny_cfg(tiny_base(tmp_path), num_critics=1, critic_subsample=1, utd_ratio=2),
                       device="cpu")
     batch = expo_batch(8)
+    batch["discount"] = torch.linspace(0.1, 0.9, 8)  # rows differ, so a mix-up of rows shows
     gen = torch.Generator().set_state(agent.update_gen.get_state())
     next_obs = batch["next_obs"]
     with torch.no_grad():
         f, chunks = agent.candidates(next_obs, agent._features(next_obs), True, gen)
         best = agent.critic_target(f, chunks).reshape(8, -1).max(dim=1).values
-        randperm = torch.randperm(1, generator=gen)  # the member draw redq_min makes
-    assert randperm.tolist() == [0]
+    targets = []
+    step = expo.critic_step
+
+    def recording(agent_, q, target, step_, batch_):
+        targets.append(target.clone())
+        return step(agent_, q, target, step_, batch_)
+
+    monkeypatch.setattr(expo, "critic_step", recording)
+    agent.update(batch, step=0)
     expected = batch["reward"] + batch["discount"] * best
-    m = agent.update(batch, step=0)
-    assert m["target_q"] == pytest.approx(expected.mean().item(), rel=1e-5)
+    # Minibatch 0 takes rows 0, 2, 4, 6 before any critic step moved the target network.
+    torch.testing.assert_close(targets[0], expected[0::2])
+    assert targets[1].shape == (4,)
+
+
+def test_a_non_finite_edit_is_never_executed(tmp_path):
+    agent = EXPOAgent(SPACE, ACTIONS, tiny_cfg(tiny_base(tmp_path)), device="cpu")
+    with torch.no_grad():
+        agent.actor.net[-1].bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteActionError, match="edit policy"):
+        agent.act(observations(1)[0], explore=False)
 
 
 def test_state_dict_round_trips_without_the_base_file(tmp_path):
@@ -145,7 +185,7 @@ def test_bad_bases_configs_and_batches_are_one_line_errors(tmp_path):
         EXPOConfig.from_dict({"bogus": 1})
 
     agent = EXPOAgent(SPACE, ACTIONS, tiny_cfg(base), device="cpu")
-    before = params(agent.critic)
+    before, before_actor = params(agent.critic), params(agent.actor)
     with pytest.raises(ValueError, match="windows"):
         agent.update(chunk_batch(16), step=0)
     batch = expo_batch(16)
@@ -156,7 +196,15 @@ def test_bad_bases_configs_and_batches_are_one_line_errors(tmp_path):
     batch["windows"]["action"][1, 2, 0] = float("inf")
     with pytest.raises(NonFiniteLossError, match="bc"):
         agent.update(batch, step=3)
-    assert not changed(before, agent.critic)
+    batch = expo_batch(16)
+    batch["windows"]["action"] = batch["windows"]["action"][:, :H]
+    with pytest.raises(ValueError, match=r"A\) = \(B, 8, 2\), got \(8, 4, 2\)"):
+        agent.update(batch, step=3)
+    batch = expo_batch(16)
+    batch["windows"]["obs"] = {"state": torch.zeros(8, TO + 1, 3)}
+    with pytest.raises(ValueError, match="obs_horizon=2"):
+        agent.update(batch, step=3)
+    assert not changed(before, agent.critic) and not changed(before_actor, agent.actor)
 
 
 def test_loop_params_ask_for_chunks_and_bc_windows(tmp_path):

@@ -16,7 +16,7 @@ noise actor pi_W(s) -> w and so steers the base without a gradient through it. T
     temperature tuned towards target_entropy.
 
 Observations: the critics and the actor read the base's own encoding of the observation window
-(its frozen EMA encoder): for states that is the flattened window, for cameras the base's conv
+(its frozen EMA encoder): for states that is the standardized window, for cameras the base's conv
 features. Nothing here trains an encoder, and the features of a batch are computed once per update.
 
 One update (as SERLAgent's, RLPD style): a batch of batch_size * utd_ratio chunk transitions; the

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from robolearn.agents.diffusion_base import (FineTuner, base_diffusion_config, check_horizons, check_sac_fields,
-                                             config_from_dict, executed)
-from robolearn.agents.errors import check_batch_finite
+                                             check_windows, config_from_dict, executed)
+from robolearn.agents.errors import NonFiniteActionError, check_batch_finite
 from robolearn.agents.registry import AgentSpec
 from robolearn.agents.serl import EnsembleCritic, TanhGaussianActor, critic_step, redq_min, sac_actor_step
 
@@ -144,7 +144,11 @@ class EXPOAgent(FineTuner):
         feat = self._features(window)
         f, chunks = self.candidates(window, feat, explore, self.act_gen)
         best = self.critic(f, chunks).mean(dim=0).argmax()
-        return self._chunks.next_action(chunks[best].reshape(self.action_horizon, self.action_dim))
+        chunk = chunks[best]
+        if not bool(torch.isfinite(chunk).all()):  # an edit adds to the base's checked sample: check again
+            raise NonFiniteActionError(f"EXPO: the chosen chunk has {int((~torch.isfinite(chunk)).sum())} non-finite "
+                                       f"values; the base's samples are finite, so the edit policy's weights are not")
+        return self._chunks.next_action(chunk.reshape(self.action_horizon, self.action_dim))
 
     # -- learning ------------------------------------------------------------------------------
     def update(self, batch: dict, step: int) -> dict[str, float]:
@@ -155,7 +159,7 @@ class EXPOAgent(FineTuner):
             raise ValueError("batch['windows'] is missing: EXPO's base imitates windows sampled beside the chunk "
                              "transitions (loop_params' bc_batch)")
         n, action, obs, next_obs = self._chunk_batch(batch, step)
-        check_batch_finite(batch["windows"], "bc", step)  # the base's step comes last: check its batch now
+        self._check_windows(batch["windows"], step)  # the base's step comes last: check its batch now
         with torch.no_grad():
             feat, next_feat = self._features(obs), self._features(next_obs)
             # Every row's 2N candidates at s' at once: base and edit policy are fixed until the critic steps end.
@@ -180,6 +184,17 @@ class EXPOAgent(FineTuner):
         values["alpha"] = float(self.log_alpha.detach().exp())
         values["bc_loss"] = self.base.update(batch["windows"], step)["bc_loss"]
         return values
+
+    def _check_windows(self, windows: dict, step: int) -> None:
+        """The BC windows fit the base (pred_horizon actions, obs_horizon observations) and are finite."""
+        shape = (self.base.pred_horizon, self.action_dim)
+        action = windows.get("action")
+        if action is None or action.ndim != 3 or tuple(action.shape[1:]) != shape:
+            got = None if action is None else tuple(action.shape)
+            raise ValueError(f"batch['windows']['action'] must be (B, pred_horizon, A) = (B, {shape[0]}, {shape[1]}), "
+                             f"got {got}: sample windows of the base's pred_horizon (loop_params)")
+        check_windows(windows.get("obs", {}), self.obs_keys, self.obs_horizon, "windows']['obs", self.device)
+        check_batch_finite(windows, "bc", step)
 
     def _update_edit_policy(self, obs: dict, feat: torch.Tensor, step: int, batch: dict) -> dict[str, torch.Tensor]:
         """SAC on the edit: maximise Q(s, clip(a + edit)) - alpha log pi_E for base chunks a at batch_size rows."""
