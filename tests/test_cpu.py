@@ -72,6 +72,9 @@ def test_thread_governor_gives_torch_the_cores_others_leave_free():
         time.sleep(0.6)
         return governor.check()
 
+    if max(sample() for _ in range(2)) < 2:
+        pytest.skip("another process keeps the cores busy before the test starts, so 1 thread is the right "
+                    "answer throughout and the test cannot see the count come back up")
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
     try:
         time.sleep(0.5)
