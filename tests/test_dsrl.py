@@ -293,13 +293,13 @@ def test_steers_the_base_towards_reward(tmp_path):
     assert steered > gaussian + 0.5, (gaussian, steered)
 
 
-def test_dsrl_trains_through_the_loop_from_a_bc_base_and_its_checkpoint_evaluates(tmp_path):
-    """The whole path a user takes: BC a diffusion base from demos, fine-tune it with --agent dsrl
-    (chunk batches from the mixed replay), and evaluate the self-contained checkpoint."""
+def bc_base_through_loop(tmp_path) -> tuple[str, dict]:
+    """A tiny diffusion base behaviour-cloned through the training loop from 4 scripted PandaReach demos:
+    (its checkpoint, the TrainConfig fields a fine-tuning run shares with it)."""
     import robolearn.sim as rsim
     from robolearn.demos.dataset import DatasetWriter
     from robolearn.rollout import run_episodes, scripted_policy
-    from robolearn.train import TrainConfig, Trainer, evaluate, load_agent
+    from robolearn.train import TrainConfig, Trainer
 
     reach = "robolearn/PandaReach-v0"
     env = rsim.make(reach)
@@ -311,9 +311,30 @@ def test_dsrl_trains_through_the_loop_from_a_bc_base_and_its_checkpoint_evaluate
                   checkpoint_every=10_000, video=False)
     base = Trainer(TrainConfig(agent="diffusion", out=str(tmp_path / "bc"), frames=20, agent_overrides=tiny, **common))
     try:
-        base_ckpt = base.run()["checkpoint"]
+        return base.run()["checkpoint"], common
     finally:
         base.close()
+
+
+def evaluates_once(checkpoint: str, agent_name: str) -> None:
+    """The checkpoint loads through load_agent as `agent_name` and runs one evaluation episode on PandaReach."""
+    import robolearn.sim as rsim
+    from robolearn.train import evaluate, load_agent
+
+    agent, config = load_agent(checkpoint)
+    assert config["agent"] == agent_name
+    env = rsim.make("robolearn/PandaReach-v0")
+    rate, ret, _ = evaluate(agent, env, 1)
+    env.close()
+    assert 0.0 <= rate <= 1.0 and np.isfinite(ret)
+
+
+def test_dsrl_trains_through_the_loop_from_a_bc_base_and_its_checkpoint_evaluates(tmp_path):
+    """The whole path a user takes: BC a diffusion base from demos, fine-tune it with --agent dsrl
+    (chunk batches from the mixed replay), and evaluate the self-contained checkpoint."""
+    from robolearn.train import TrainConfig, Trainer
+
+    base_ckpt, common = bc_base_through_loop(tmp_path)
     fine = Trainer(TrainConfig(agent="dsrl", out=str(tmp_path / "dsrl"), frames=30, save_replay=False, **common,
                                agent_overrides={"base": base_ckpt, "batch_size": 8, "utd_ratio": 1,
                                                 "hidden_dims": [16], "num_critics": 2, "noise_critic_steps": 1}))
@@ -323,9 +344,4 @@ def test_dsrl_trains_through_the_loop_from_a_bc_base_and_its_checkpoint_evaluate
     finally:
         fine.close()
     assert result["env_steps"] == 30 and "rejected_actions" not in result
-    agent, config = load_agent(result["checkpoint"])
-    assert config["agent"] == "dsrl"
-    env = rsim.make(reach)
-    rate, ret, _ = evaluate(agent, env, 1)
-    env.close()
-    assert 0.0 <= rate <= 1.0 and np.isfinite(ret)
+    evaluates_once(result["checkpoint"], "dsrl")

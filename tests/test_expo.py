@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_dsrl import A, ACTIONS, SPACE, TO, H, P, changed, chunk_batch, observations, params, save_like_trainer, tiny_base
+from test_dsrl import (A, ACTIONS, SPACE, TO, H, P, bc_base_through_loop, changed, chunk_batch, evaluates_once, observations,
+                       params, save_like_trainer, tiny_base)
 
 from robolearn.agents.diffusion import DiffusionAgent, DiffusionConfig
 from robolearn.agents.errors import NonFiniteActionError, NonFiniteLossError
@@ -251,24 +252,9 @@ def test_raises_the_reward_above_the_base(tmp_path):
 def test_expo_trains_through_the_loop_from_a_bc_base_and_its_checkpoint_evaluates(tmp_path):
     """BC a diffusion base from demos, fine-tune it with --agent expo (chunks and BC windows from the mixed
     replay, one update per chunk), and evaluate the self-contained checkpoint."""
-    import robolearn.sim as rsim
-    from robolearn.demos.dataset import DatasetWriter
-    from robolearn.rollout import run_episodes, scripted_policy
-    from robolearn.train import TrainConfig, Trainer, evaluate, load_agent
+    from robolearn.train import TrainConfig, Trainer
 
-    reach = "robolearn/PandaReach-v0"
-    env = rsim.make(reach)
-    with DatasetWriter(tmp_path / "demos", reach, env.observation_space, env.action_space, fps=10) as writer:
-        run_episodes(env, scripted_policy(env), 4, seed=10_000, recorder=writer)
-    env.close()
-    tiny = {"batch_size": 16, "mlp_hidden_dims": [32], "diffusion_step_embed_dim": 8, "inference_steps": 2}
-    common = dict(env=reach, demos=str(tmp_path / "demos"), eval_every=10_000, eval_episodes=1,
-                  checkpoint_every=10_000, video=False)
-    base = Trainer(TrainConfig(agent="diffusion", out=str(tmp_path / "bc"), frames=20, agent_overrides=tiny, **common))
-    try:
-        base_ckpt = base.run()["checkpoint"]
-    finally:
-        base.close()
+    base_ckpt, common = bc_base_through_loop(tmp_path)
     fine = Trainer(TrainConfig(agent="expo", out=str(tmp_path / "expo"), frames=40, save_replay=False, **common,
                                agent_overrides={"base": base_ckpt, "batch_size": 8, "utd_ratio": 1,
                                                 "hidden_dims": [16], "num_critics": 2, "num_samples": 2}))
@@ -279,9 +265,4 @@ def test_expo_trains_through_the_loop_from_a_bc_base_and_its_checkpoint_evaluate
     finally:
         fine.close()
     assert result["env_steps"] == 40 and "rejected_actions" not in result
-    agent, config = load_agent(result["checkpoint"])
-    assert config["agent"] == "expo"
-    env = rsim.make(reach)
-    rate, ret, _ = evaluate(agent, env, 1)
-    env.close()
-    assert 0.0 <= rate <= 1.0 and np.isfinite(ret)
+    evaluates_once(result["checkpoint"], "expo")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from robolearn.agents.base import default_device
 from robolearn.agents.encoders import DictObsEncoder, image_keys_of
 from robolearn.agents.errors import NonFiniteActionError, check_finite
 from robolearn.agents.registry import AgentSpec
-from robolearn.agents.serialize import load_training_state, optimizer_hparams, training_state_to_tensors
+from robolearn.agents.serialize import agent_config, load_training_state, training_state_to_tensors
 
 DENOISERS = ("mlp", "unet", "auto")
 
@@ -603,11 +603,7 @@ class DiffusionAgent:
 
     def config_dict(self) -> dict:
         """JSON-able: the config, the spaces the networks were built for, and optimizer settings."""
-        spaces = {k: {"shape": list(s.shape), "dtype": str(s.dtype)}
-                  for k, s in self.observation_space.spaces.items()}
-        return {"agent": self.name, "config": asdict(self.cfg), "observation_space": spaces,
-                "action_dim": self.action_dim, "denoiser": self.denoiser_kind,
-                "optimizers": {"model": optimizer_hparams(self.opt)}}
+        return agent_config(self, {"model": self.opt}, denoiser=self.denoiser_kind)
 
 
 def adamw(params, cfg: DiffusionConfig) -> torch.optim.AdamW:

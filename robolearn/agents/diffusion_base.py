@@ -304,12 +304,6 @@ class FineTuner:
 
     def config_dict(self) -> dict:
         """JSON-able: the config (with the base's in base_config), the spaces, and optimizer settings."""
-        from dataclasses import asdict
+        from robolearn.agents.serialize import agent_config
 
-        from robolearn.agents.serialize import optimizer_hparams
-
-        spaces = {k: {"shape": list(s.shape), "dtype": str(s.dtype)}
-                  for k, s in self.observation_space.spaces.items()}
-        return {"agent": self.name, "config": asdict(self.cfg), "observation_space": spaces,
-                "action_dim": self.action_dim, "target_entropy": self.target_entropy,
-                "optimizers": {name: optimizer_hparams(opt) for name, opt in self._optimizers().items()}}
+        return agent_config(self, self._optimizers(), target_entropy=self.target_entropy)

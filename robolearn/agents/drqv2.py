@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ from robolearn.agents.base import default_device, obs_to_torch
 from robolearn.agents.encoders import conv_stack, image_keys_of, to_nchw_float, trunk
 from robolearn.agents.errors import check_finite
 from robolearn.agents.registry import AgentSpec
-from robolearn.agents.serialize import load_training_state, optimizer_hparams, training_state_to_tensors
+from robolearn.agents.serialize import agent_config, load_training_state, training_state_to_tensors
 
 # drqv2's cfgs/task/{easy,medium,hard}.yaml: exploration-noise schedules in agent steps.
 STDDEV_SCHEDULES = {
@@ -448,11 +448,7 @@ class DrQV2Agent:
 
     def config_dict(self) -> dict:
         """JSON-able: the config, the spaces the networks were built for, and optimizer settings."""
-        spaces = {k: {"shape": list(s.shape), "dtype": str(s.dtype)}
-                  for k, s in self.observation_space.spaces.items()}
-        return {"agent": self.name, "config": asdict(self.cfg), "observation_space": spaces,
-                "action_dim": self.action_dim, "repr_dim": self.encoder.repr_dim,
-                "optimizers": {name: optimizer_hparams(opt) for name, opt in self._optimizers().items()}}
+        return agent_config(self, self._optimizers(), repr_dim=self.encoder.repr_dim)
 
 
 # -- drqv2's update as its code does it, for tests and bench/drqv2_update.py ---------------------

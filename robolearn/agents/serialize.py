@@ -101,3 +101,14 @@ def load_training_state(state: dict[str, torch.Tensor], modules: dict[str, torch
     unknown = sorted(set(state) - used)
     if unknown:
         raise KeyError(f"unexpected entries in a {what} state dict: {unknown[:8]}")
+
+
+def agent_config(agent, optimizers: dict[str, torch.optim.Optimizer], **extra) -> dict:
+    """An agent's config_dict(): JSON-able name, config (dataclasses.asdict), the observation spaces its
+    networks were built for, action_dim, the agent's `extra` fields and its optimizers' settings."""
+    from dataclasses import asdict
+
+    spaces = {k: {"shape": list(s.shape), "dtype": str(s.dtype)} for k, s in agent.observation_space.spaces.items()}
+    return {"agent": agent.name, "config": asdict(agent.cfg), "observation_space": spaces,
+            "action_dim": agent.action_dim, **extra,
+            "optimizers": {name: optimizer_hparams(opt) for name, opt in optimizers.items()}}

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from robolearn.agents.base import default_device, obs_to_torch
 from robolearn.agents.encoders import DictObsEncoder, FrozenEncoder, feature_key, image_keys_of, random_shift
 from robolearn.agents.errors import check_batch_finite, check_finite
 from robolearn.agents.registry import AgentSpec
-from robolearn.agents.serialize import load_training_state, optimizer_hparams, training_state_to_tensors
+from robolearn.agents.serialize import agent_config, load_training_state, training_state_to_tensors
 
 
 @dataclass
@@ -400,11 +400,7 @@ class SERLAgent:
 
     def config_dict(self) -> dict:
         """JSON-able: the config, the spaces the networks were built for, and optimizer settings."""
-        spaces = {k: {"shape": list(s.shape), "dtype": str(s.dtype)}
-                  for k, s in self.observation_space.spaces.items()}
-        return {"agent": self.name, "config": asdict(self.cfg), "observation_space": spaces,
-                "action_dim": self.action_dim, "target_entropy": self.target_entropy,
-                "optimizers": {name: optimizer_hparams(opt) for name, opt in self._optimizers().items()}}
+        return agent_config(self, self._optimizers(), target_entropy=self.target_entropy)
 
 
 
