@@ -121,6 +121,28 @@ class Client:
     def joints(self) -> np.ndarray:
         return np.array(self.latest("joint_states").position)
 
+    def joints_after(self, stamp: float, timeout: float = 10.0) -> np.ndarray:
+        """The positions of the first joint state stamped at or after `stamp` (a reset's answer): the newest
+        message held may still be the pose from before the reset."""
+        msg = wait_for(lambda: next((m for m in self.history("joint_states")
+                                     if c.from_time(m.header.stamp) >= stamp), None), timeout)
+        assert msg is not None, f"no joint state stamped after {stamp}"
+        return np.array(msg.position)
+
+    def settled_joints(self, stamp: float, timeout: float = 10.0) -> np.ndarray:
+        """Positions once the arm has come to rest after a reset stamped `stamp` (no joint moving more
+        than 1 mrad in 0.2 s): the reset pose settles under the hold controller for a moment."""
+        last = self.joints_after(stamp)
+
+        def still():
+            nonlocal last
+            time.sleep(0.2)
+            now = self.joints()
+            rested, last = np.abs(now - last).max() < 1e-3, now
+            return rested
+        assert wait_for(still, timeout), f"the arm did not come to rest after the reset: {last}"
+        return last
+
     def tool(self) -> np.ndarray:
         p = self.latest("current_pose").pose.position
         return np.array([p.x, p.y, p.z])
@@ -244,8 +266,7 @@ def test_target_outside_the_box_keeps_the_tool_inside(sim):
 
 
 def test_bad_forward_commands_are_dropped_and_named(sim):
-    sim.reset()
-    q0 = sim.joints()[:7]
+    q0 = sim.settled_joints(sim.reset()["stamp"])[:7]
     nan = q0 + 0.3
     nan[3] = np.nan
     sim.send(c.FORWARD_COMMANDS, Float64MultiArray(data=nan.tolist()))
@@ -271,8 +292,7 @@ def trajectory(names, points) -> JointTrajectory:
 
 
 def test_joint_trajectory_is_followed_checked_and_cancelled(sim):
-    sim.reset()
-    q0 = sim.joints()[:7]
+    q0 = sim.joints_after(sim.reset()["stamp"])[:7]
     wrong = ARM[:6] + ["panda_joint9"]
     sim.send(c.JOINT_TRAJECTORY, trajectory(wrong, [(1.0, q0)]))
     line = logged(sim.log, "joint_trajectory_controller/joint_trajectory", "unknown ['panda_joint9']")
