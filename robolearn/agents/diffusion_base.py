@@ -14,10 +14,17 @@ its base from it and gets the weights from its own state_dict).
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import fields, replace
+
 import numpy as np
 import torch
 
+from robolearn.agents.base import default_device
 from robolearn.agents.diffusion import ChunkHistory, DiffusionAgent, DiffusionConfig
+from robolearn.agents.errors import check_batch_finite
+from robolearn.agents.serialize import agent_config, load_training_state, training_state_to_tensors
+from robolearn.agents.serl import ACTIVATIONS, adam
 
 # Rows per base.sample call: bounds the memory of a UNet base over a batch of thousands of windows.
 SAMPLE_ROWS = 1024
@@ -149,8 +156,6 @@ def check_windows(obs: dict[str, torch.Tensor], keys, obs_horizon: int, part: st
 def config_from_dict(cls, d: dict):
     """A fine-tuning config from asdict after a JSON round trip (lists back to tuples); an unknown field is
     a ValueError naming it and the valid ones."""
-    from dataclasses import fields
-
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -162,7 +167,6 @@ def config_from_dict(cls, d: dict):
 def check_sac_fields(cfg, positive: tuple[str, ...], unit: tuple[str, ...]) -> None:
     """The checks a fine-tuning config shares: known field types, `positive` fields > 0, `unit` fields in
     [0, 1], the REDQ subsample, hidden dims, activation and log-std bounds; one-line ValueErrors."""
-    from robolearn.agents.serl import ACTIVATIONS
     from robolearn.config_check import check_fields
 
     what = type(cfg).__name__
@@ -196,10 +200,6 @@ class FineTuner:
 
     def _setup(self, observation_space, action_space, cfg, device, overrides: dict | None = None):
         """Check the action space, load the base, and return the config with base_config filled."""
-        from dataclasses import replace
-
-        from robolearn.agents.base import default_device
-
         self.what = type(cfg).__name__
         self.device = torch.device(device) if device is not None else default_device()
         if not (np.all(action_space.low == -1.0) and np.all(action_space.high == 1.0)):
@@ -222,11 +222,6 @@ class FineTuner:
     def _optimize(self) -> None:
         """The critic's target, the temperature, Adam for critic, actor and temperature, the RNG streams
         (separate, so acting never changes what the learner draws) and the update counters."""
-        import copy
-        import math
-
-        from robolearn.agents.serl import adam
-
         cfg = self.cfg
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(cfg.init_temperature), device=self.device, requires_grad=True)
@@ -244,8 +239,6 @@ class FineTuner:
         """(rows, action, obs windows, next_obs windows) of a chunk-transition batch, after the checks every
         update makes before any weight changes: the base is loaded, the batch splits into utd_ratio
         minibatches, actions are chunks of action_horizon, the windows fit, and nothing is non-finite."""
-        from robolearn.agents.errors import check_batch_finite
-
         self._require_base("update")
         n, utd = batch["reward"].shape[0], self.cfg.utd_ratio
         if n % utd:
@@ -290,13 +283,9 @@ class FineTuner:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor (safetensors-ready): the base, the networks, Adam moments, temperature,
         counters and RNG streams, as the subclass lists them."""
-        from robolearn.agents.serialize import training_state_to_tensors
-
         return training_state_to_tensors(self._modules(), self._optimizers(), self._generators(), self._tensors())
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from robolearn.agents.serialize import load_training_state
-
         load_training_state(state, self._modules(), self._optimizers(), self._generators(), self._tensors(),
                             what=self.name.upper())
         self._base_loaded = True
@@ -304,6 +293,4 @@ class FineTuner:
 
     def config_dict(self) -> dict:
         """JSON-able: the config (with the base's in base_config), the spaces, and optimizer settings."""
-        from robolearn.agents.serialize import agent_config
-
         return agent_config(self, self._optimizers(), target_entropy=self.target_entropy)

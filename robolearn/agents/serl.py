@@ -216,6 +216,7 @@ def sac_actor_step(agent, feat: torch.Tensor, q_of, batch: dict, step: int) -> t
     agent.actor_updates += 1
     return action.detach(), {"actor_loss": actor_loss.detach(), "entropy": entropy, "alpha_loss": alpha_loss.detach()}
 
+
 def redq_min(agent, feat: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
     """REDQ's target value (B,): the min over cfg.critic_subsample target members drawn from agent.update_gen."""
     cfg = agent.cfg

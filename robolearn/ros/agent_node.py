@@ -179,12 +179,10 @@ class AgentNode(LifecycleNode):
         bad = checkpoint_mismatches(config, env)
         if bad:
             raise ValueError(f"checkpoint {p['checkpoint']} does not fit this robot: " + "; ".join(bad))
+        self.agent, _ = load_agent(p["checkpoint"], env)
         # A chunked policy samples one chunk per action_horizon ticks with small convolutions at batch 1,
         # which more threads slow down (bench/diffusion_inference.py: 38 ms on 1 thread, 86-104 ms on 2).
-        chunked = "obs_horizon" in config.get("agent_config", {}).get("config", {}) or \
-            "base_config" in config.get("agent_config", {}).get("config", {})
-        self._torch_threads(bool(shapes) and not chunked)
-        self.agent, _ = load_agent(p["checkpoint"], env)
+        self._torch_threads(bool(shapes) and not hasattr(self.agent, "action_horizon"))
         self.env = env
         gc.collect()
         gc.freeze()  # the ~190k objects alive now (torch, rclpy, the agent) are never scanned again: a full
