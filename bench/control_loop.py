@@ -12,6 +12,10 @@ as the simulator stamps without use_sim_time), and the same measured from that m
 `missed_deadlines` is the node's own count over the window. `reference_sleeper` is a bare Python
 process sleeping to the same period grid at normal priority in the same window: the machine's own
 wake-up noise (a VM's stolen time included). The last stdout line is one JSON object.
+
+--learner runs agent_node in train mode beside a learner_node process that trains SERL (CPU setting)
+on 20 scripted demos and the episodes the node sends, publishing weights every 50 updates:
+the same figures while a learner competes for the CPU and weights arrive mid-episode.
 """
 
 from __future__ import annotations
@@ -135,20 +139,44 @@ def listen(domain: int, seconds: float, warmup: float, procs, period: float) -> 
         rclpy.shutdown(context=context)
 
 
+def start_learner(env: dict, logs: Path, hz: float, update_ratio: float) -> tuple[subprocess.Popen, Path]:
+    """learner_node training SERL from 20 scripted demos (recorded here) and the actor's episodes."""
+    from robolearn.agents.serl import CPU_OVERRIDES
+    from robolearn.demos.dataset import DatasetWriter
+    from robolearn.rollout import run_episodes, scripted_policy
+    import robolearn.sim as rsim
+
+    demos, out = logs / f"demos_{hz:g}hz", logs / f"learner_{hz:g}hz"
+    if not demos.exists():
+        sim_env = rsim.make(ENV_ID, control_hz=hz)
+        with DatasetWriter(demos, ENV_ID, sim_env.observation_space, sim_env.action_space, fps=hz) as writer:
+            run_episodes(sim_env, scripted_policy(sim_env), 20, seed=10_000, recorder=writer)
+        sim_env.close()
+    overrides = "[" + ", ".join(f"'{k}={v}'" for k, v in CPU_OVERRIDES.items()) + "]"
+    proc = start("robolearn.ros.learner_node", env, logs / f"learner_{hz:g}hz.log", f"out:={out}",
+                 f"demos:={demos}", f"set:={overrides}", f"update_ratio:={update_ratio}", "frames:=1000000",
+                 "checkpoint_every_s:=1000000.0")
+    return proc, out
+
+
 def run_rate(hz: float, seconds: float, state_hz: float, checkpoint: str, logs: Path, save_rows: bool,
-             priority: int = 20) -> dict:
+             priority: int = 20, learner_ratio: float = 0.0) -> dict:
     from robolearn.ros.common import isolated_env
     env = {**isolated_env(), "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}  # a shared machine
     os.environ.update({k: v for k, v in env.items() if k.startswith("ROS_")})  # this process listens on loopback too
     sim = start("robolearn.ros.sim_robot_node", env, logs / f"sim_{hz:g}hz.log", f"env_id:={ENV_ID}",
                 f"publish_rate_hz:={state_hz}")
+    learner = start_learner(env, logs, hz, learner_ratio)[0] if learner_ratio else None
+    train = ["mode:=train", "resend_s:=2.0"] if learner else []
     agent = start("robolearn.ros.agent_node", env, logs / f"agent_{hz:g}hz.log", f"checkpoint:={checkpoint}",
-                  f"control_hz:={hz}", "publish_timing:=true", f"thread_priority:={priority}")
+                  f"control_hz:={hz}", "publish_timing:=true", f"thread_priority:={priority}", *train)
+    procs = (sim, agent, learner) if learner else (sim, agent)
     try:
-        rows, missed_before, d0, d1, cpu, reference = listen(int(env["ROS_DOMAIN_ID"]), seconds, 2.0, (sim, agent),
-                                                  1.0 / hz)
+        # With a learner, the window starts once it has trained and its weights reach the actor (10 s in).
+        rows, missed_before, d0, d1, cpu, reference = listen(int(env["ROS_DOMAIN_ID"]), seconds,
+                                                             15.0 if learner else 2.0, procs, 1.0 / hz)
     finally:
-        codes = stop(agent), stop(sim)
+        codes = stop(agent), stop(sim), stop(learner) if learner else None
     period = 1.0 / hz
     if save_rows:  # columns: interval, compute, latency, receipt latency (s), missed deadlines, tick start
         np.save(logs / f"timing_{hz:g}hz.npy", rows)
@@ -162,10 +190,18 @@ def run_rate(hz: float, seconds: float, state_hz: float, checkpoint: str, logs: 
             "receipt_to_command_p50_ms": pct(receipt * 1e3, 50), "receipt_to_command_p99_ms": pct(receipt * 1e3, 99),
             "compute_p50_ms": pct(compute * 1e3, 50), "compute_p99_ms": pct(compute * 1e3, 99),
             "commanded_ticks": len(rows), "expected_ticks": int(seconds * hz), "stale_holds": delta("stale"),
-            "episodes": delta("episodes"), "cpu_cores": {"sim": cpu[0], "agent": cpu[1]},
+            "episodes": delta("episodes"), "cpu_cores": dict(zip(("sim", "agent", "learner"), cpu)),
             "reference_sleeper": reference,
             "sim_real_time_factor": float(d1.get("sim_robot: physics", {}).get("real_time_factor", "nan")),
-            "exit_codes": {"agent": codes[0], "sim": codes[1]}}
+            "exit_codes": {"agent": codes[0], "sim": codes[1], **({"learner": codes[2]} if learner else {})},
+            **({"learner_weights_received": _weights_received(logs / f"agent_{hz:g}hz.log")} if learner else {})}
+
+
+def _weights_received(log: Path) -> int:
+    """The newest weights version agent_node logged (it logs at most every 10 s)."""
+    import re
+    versions = [int(v) for v in re.findall(r"weights v(\d+)", log.read_text())]
+    return max(versions, default=0)
 
 
 def main() -> None:
@@ -175,6 +211,9 @@ def main() -> None:
     parser.add_argument("--state-hz", type=float, default=100.0, help="sim_robot_node publish_rate_hz")
     parser.add_argument("--thread-priority", type=int, default=20, help="agent_node thread_priority (SCHED_FIFO "
                         "priority of its control thread; 0: normal scheduling)")
+    parser.add_argument("--learner", nargs="?", type=float, const=4.0, default=0.0, metavar="UPDATE_RATIO",
+                        help="run agent_node in train mode beside a learner_node training SERL at UPDATE_RATIO "
+                             "times SERL's updates per env step (default 4: it keeps a core busy)")
     parser.add_argument("--logs", type=Path, default=None, help="keep the nodes' logs and the timing rows "
                         "(timing_<rate>hz.npy) here")
     args = parser.parse_args()
@@ -184,12 +223,13 @@ def main() -> None:
         logs.mkdir(parents=True, exist_ok=True)
         result = {"robot": "sim_robot_node", "env_id": ENV_ID, "state_hz": args.state_hz, "seconds": args.seconds,
                   "busy_cores_before": None if busy is None else round(busy, 2),
-                  "load_avg_1min": round(os.getloadavg()[0], 2), "thread_priority": args.thread_priority, "goal": GOAL}
+                  "load_avg_1min": round(os.getloadavg()[0], 2), "thread_priority": args.thread_priority, "goal": GOAL,
+                  "learner_update_ratio": args.learner or None}
         for hz in args.rates:
             checkpoint = make_checkpoint(Path(tmp), hz)
             print(f"{hz:g} Hz: measuring {args.seconds:g} s (logs in {logs})", flush=True)
             result[f"{hz:g}hz"] = r = run_rate(hz, args.seconds, args.state_hz, checkpoint, logs, args.logs is not None,
-                                                args.thread_priority)
+                                                args.thread_priority, args.learner)
             print(f"{hz:g} Hz: jitter p99 {r['jitter_p99_ms']} ms, max {r['jitter_max_ms']} ms, missed "
                   f"{r['missed_deadlines']}, latency p99 {r['latency_p99_ms']} ms", flush=True)
     print(json.dumps(result))

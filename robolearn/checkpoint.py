@@ -51,9 +51,14 @@ def _fsync_dir(path: Path) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON through a temporary file and an atomic rename."""
+    write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes through a temporary file, fsync and an atomic rename: a crash leaves old or new, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -292,6 +292,91 @@ def cmd_demos_import(args) -> int:
     return 0
 
 
+def cmd_classifier_train(args) -> int:
+    """Per-step success labels of a dataset's frames -> a RewardClassifier folder (docs/training.md)."""
+    import dataclasses
+
+    import numpy as np
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from robolearn.agents.serl import ClassifierConfig, RewardClassifier, save_classifier, space_from_spec
+    from robolearn.demos.dataset import Dataset
+
+    _plain_warnings()
+    if args.epochs < 1 or args.success_frames < 1:
+        raise ValueError(f"--epochs and --success-frames must be at least 1, got {args.epochs} and "
+                         f"{args.success_frames}")
+    _check_writable(args.out, "--out", "dir")
+    known, sets = {f.name for f in dataclasses.fields(ClassifierConfig)}, _parse_overrides(args.set)
+    for key in sets:
+        if key not in known or key in ("image_keys", "proprio_keys"):
+            raise ValueError(f"--set {key}: not a ClassifierConfig field (see docs/training.md); cameras and "
+                             "proprio keys have their own options")
+    ds = Dataset(args.demos).require_episodes("to train a reward classifier from")
+    space = space_from_spec(ds.observation_spec, f"{ds.path}/meta.json")
+    cameras = tuple(args.image_keys) if args.image_keys else tuple(k for k in space.spaces if k.startswith("images/"))
+    keys = (*cameras, *args.proprio_keys)
+    missing = [k for k in keys if k not in space.spaces]
+    if missing or not cameras:
+        raise ValueError(f"--demos {ds.path}: observation key {(missing or ['images/<camera>'])[0]!r} is not in the "
+                         f"dataset (keys: {sorted(space.spaces)})")
+    # Each step's success flag labels the observation it led to (obs[t+1]). Label-mode episodes carry the
+    # operator's labels; others the env's success. An episode marked successful whose steps never are (a
+    # teleop recording on hardware, where no task reports success) counts its last K frames as success.
+    frames = {split: {True: [], False: []} for split in ("train", "held")}
+    held = {i for i in range(len(ds)) if len(ds) >= 5 and i % 5 == 4}  # every 5th episode checks the fit
+    counts = {"label": 0, "env": 0, "fallback": 0}
+    for i in range(len(ds)):
+        ep, attrs = ds.episode(i), ds.episode_attrs(i)
+        labels = ep["success"].astype(bool)
+        kind = "label" if attrs.get("mode") == "label" else "env"
+        if kind == "env" and attrs["success"] and not labels.any():
+            labels[-args.success_frames:], kind = True, "fallback"
+        counts[kind] += 1
+        split = frames["held" if i in held else "train"]
+        for label in (True, False):
+            if (labels == label).any():
+                split[label].append({k: ep["obs"][k][1:][labels == label] for k in keys})
+    def stack(parts):
+        return {k: np.concatenate([f[k] for f in parts]) for k in keys} if parts else None
+    pos, neg = ([stack(frames[s][label]) for s in ("train", "held")] for label in (True, False))  # [train, held]
+    print(f"labels: {counts['label']} episode(s) labelled per step (record --label), {counts['env']} with the env's "
+          f"per-step success, {counts['fallback']} marked successful without per-step labels (their last "
+          f"{args.success_frames} frames count as success: --success-frames)")
+    if pos[0] is None or neg[0] is None:
+        raise ValueError(f"--demos {ds.path}: no {'success' if pos[0] is None else 'failure'} frames to train on "
+                         "(label frames with `robolearn record --label`)")
+    n_pos, n_neg = len(pos[0][keys[0]]), len(neg[0][keys[0]])
+    print(f"training on {n_pos} success and {n_neg} failure frames of {len(ds) - len(held)} episode(s); "
+          f"{len(held)} held out")
+    sets = {k: tuple(v) if isinstance(v, list) else v for k, v in sets.items()}  # JSON lists: the config's tuples
+    cfg = ClassifierConfig(**{**sets, "image_keys": cameras, "proprio_keys": tuple(args.proprio_keys),
+                              "seed": args.seed})
+    clf = RewardClassifier(space, cfg)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("accuracy {task.fields[acc]:.1%}"), TimeElapsedColumn()]
+    with Progress(*columns) as progress:
+        bar = progress.add_task("classifier epochs", total=args.epochs, acc=0.0)
+        for _ in range(args.epochs):  # one epoch per call: the bar shows the training accuracy as it goes
+            result = clf.train_classifier(pos[0], neg[0], epochs=1)
+            progress.update(bar, advance=1, acc=result["accuracy"])
+    metrics = {"train_accuracy": result["accuracy"], "train_success_frames": n_pos, "train_failure_frames": n_neg,
+               "epochs": args.epochs, "dataset": str(ds.path), "label_sources": counts}
+    line = f"train accuracy: {result['accuracy']:.1%}"
+    if held:
+        p_pos = clf.predict(pos[1]) if pos[1] is not None else np.zeros(0)
+        p_neg = clf.predict(neg[1]) if neg[1] is not None else np.zeros(0)
+        hits = int((p_pos > cfg.threshold).sum() + (p_neg <= cfg.threshold).sum())
+        n_held = len(p_pos) + len(p_neg)
+        metrics.update(held_out_accuracy=hits / max(n_held, 1), held_out_frames=n_held,
+                       held_out_false_positives=int((p_neg > cfg.threshold).sum()))
+        line += (f"  held-out accuracy: {metrics['held_out_accuracy']:.1%} over {n_held} frames of episodes "
+                 f"{sorted(held)} ({metrics['held_out_false_positives']} false positives in {len(p_neg)} failure frames)")
+    print(line)
+    print(f"classifier: {save_classifier(clf, args.out, space, metrics)}")
+    return 0
+
+
 def cmd_launch(args) -> int:
     from robolearn.launcher import launch
 
@@ -443,6 +528,28 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--env", help="env id the episodes belong to (default: the one the file names)")
     q.add_argument("--strict", action="store_true", help="an unreadable episode is an error (default: skipped)")
     q.set_defaults(func=cmd_demos_import)
+
+    p = sub.add_parser("classifier", help="train the reward classifier an actor scores hardware episodes with",
+                       description="SERL's learned reward (docs/training.md, docs/actor_learner.md).")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = actions.add_parser("train", help="train a success classifier on a dataset's labelled frames",
+                           description="Train a binary success classifier on the frames of an episode dataset, "
+                                       "labelled by each step's success flag (`robolearn record --label`), print "
+                                       "its accuracy and save it as a folder (weights.safetensors + config.json) "
+                                       "for agent_node's reward_classifier parameter.")
+    q.add_argument("--demos", required=True, metavar="DATASET", help="episode dataset directory")
+    q.add_argument("--out", required=True, metavar="DIR", help="classifier folder to write (its files are replaced)")
+    q.add_argument("--epochs", type=int, default=20, help="passes over the larger class (default: 20)")
+    q.add_argument("--image-keys", nargs="+", metavar="KEY", help="cameras, e.g. images/front (default: every one)")
+    q.add_argument("--proprio-keys", nargs="*", default=[], metavar="KEY",
+                   help="proprio inputs, e.g. tcp_pose (default: none; SERL's classifiers look at cameras only)")
+    q.add_argument("--success-frames", type=int, default=5, metavar="K",
+                   help="an episode marked successful without per-step labels: its last K frames are success "
+                        "(default: 5)")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="ClassifierConfig field, e.g. threshold=0.75 or batch_size=128")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_classifier_train)
 
     p = sub.add_parser("launch", help="run a ROS 2 XML launch file without a ROS 2 install",
                        description="Run a ROS 2 XML launch file as `ros2 launch` would (docs/launch.md): "

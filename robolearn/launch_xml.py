@@ -19,7 +19,7 @@ from typing import Callable, Mapping, NoReturn
 from xml.parsers import expat
 
 # The nodes `robolearn ament-install` writes a lib/robolearn/<exec> script for.
-EXECUTABLES = ("sim_robot_node", "agent_node", "record_node")
+EXECUTABLES = ("sim_robot_node", "agent_node", "record_node", "learner_node", "camera_node")
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the repo root in a source checkout (holds launch/)
 
 

@@ -519,15 +519,21 @@ class ReplayBuffer:
         if g.attrs.get("format") != FORMAT or g.attrs.get("format_version") != FORMAT_VERSION:
             raise ReplayFileError(f"{where}: not a {FORMAT} v{FORMAT_VERSION} file")
         saved, ours = json.loads(g.attrs["config"]), self._config()
+        state = json.loads(g.attrs["state"])
+        # A bigger buffer takes a saved one whose ring never wrapped (a demo buffer saved when it had no room
+        # beyond its dataset): its slots are in order, so the next step goes after them.
+        grows = saved["capacity"] < ours["capacity"] and state["ptr"] in (0, state["size"]) and bool(
+            np.all(np.diff(g["episode"][()]) >= 0))
         for field in ("capacity", "frame_stack", "nstep", "action_shape"):
-            if saved[field] != ours[field]:
+            if saved[field] != ours[field] and not (field == "capacity" and grows):
                 raise ReplayFileError(f"{where}: saved buffer has {field}={saved[field]}, this buffer {ours[field]}")
         try:
             compare_observation_specs(saved["observation"], ours["observation"], where, "this buffer")
         except DatasetError as err:
             raise ReplayFileError(str(err)) from None
-        state = json.loads(g.attrs["state"])
         n = state["size"]
+        if grows:
+            state["ptr"] = n
         for key, store in self._obs.items():
             store[:n] = g[f"obs/{key}"][()]
         for name in _SLOT_ARRAYS:

@@ -51,6 +51,10 @@ class TrainConfig:
     success_key: str | None = SUCCESS_KEY
 
 
+# Env options that shape how training episodes start, never how the policy is judged: evaluation starts from the
+# env's own resets (docs/resets.md, demo_state).
+TRAIN_ONLY_ENV_OPTIONS = ("reset_from_demos", "demo_state_prob")
+
 # The command-line option of each TrainConfig count that must be positive (errors name the option).
 POSITIVE_COUNTS = {"frames": "--frames", "eval_every": "--eval-every", "eval_episodes": "--eval-episodes",
                    "checkpoint_every": "--checkpoint-every", "replay_capacity": "replay_capacity"}
@@ -176,7 +180,11 @@ def make_replay(cfg: TrainConfig, env, params: dict, offline: bool = False):
     demos = Dataset(cfg.demos).require_episodes("for --demos")
     if "obs_horizon" in params:
         check_demo_lengths(demos, params)
+    # Room beyond the dataset for human interventions (MixedReplay copies them into the demo buffer, HIL-SERL):
+    # a buffer sized to the dataset alone would overwrite the oldest demos with the first correction.
+    room = 0 if offline else min(cfg.replay_capacity, 100_000)
     demo = ReplayBuffer.from_dataset(demos, env.observation_space, env.action_space,
+                                     capacity=demos.num_steps + len(demos) + room,
                                      frame_stack=params["frame_stack"], nstep=params["nstep"], gamma=params["gamma"])
     return demo if offline else MixedReplay(online, demo, demo_ratio=0.5)
 
@@ -200,6 +208,18 @@ def evaluate(agent, env, episodes: int, seed: int = 1_000_000, record: bool = Fa
     res = run_episodes(env, AgentPolicy(agent), episodes, seed=seed,
                        video_episode=0 if record else None, success_key=success_key)
     return res.success_rate, float(np.mean(res.returns)), res.frames
+
+
+def sample_batch(replay, p: dict, rng: np.random.Generator) -> dict:
+    """One update's batch of the kind the agent's loop_params ask for: transitions, windows or chunks."""
+    if "chunk" in p:  # a critic over executed action chunks (ReplayBuffer.chunk_arrays)
+        batch = replay.sample_chunks(p["batch"], p["obs_horizon"], p["chunk"], rng)
+        if "bc_batch" in p:  # and a policy that keeps imitating (EXPO's base): windows beside them
+            batch["windows"] = replay.sample_windows(p["bc_batch"], p["obs_horizon"], p["pred_horizon"], rng)
+        return batch
+    if "obs_horizon" in p:
+        return replay.sample_windows(p["batch"], p["obs_horizon"], p["pred_horizon"], rng)
+    return replay.sample(p["batch"], rng)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -226,7 +246,8 @@ class Trainer:
             self.env = make_env(cfg.env, **cfg.env_kwargs)
             # another package's env gets render_mode only when a video is wanted (it may not take one)
             render = cfg.video or cfg.env.startswith("robolearn/")
-            self.eval_env = make_env(cfg.env, **({"render_mode": "rgb_array"} if render else {}), **cfg.env_kwargs)
+            eval_kwargs = {k: v for k, v in cfg.env_kwargs.items() if k not in TRAIN_ONLY_ENV_OPTIONS}
+            self.eval_env = make_env(cfg.env, **({"render_mode": "rgb_array"} if render else {}), **eval_kwargs)
         else:
             self.env, self.eval_env = env_factory(), env_factory()
             spec, cls = self.env.spec, type(self.env.unwrapped)
@@ -326,17 +347,7 @@ class Trainer:
 
     def _update(self) -> dict:
         """One update call on a batch of the kind the agent needs (transitions or windows)."""
-        p = self.params
-        if "chunk" in p:  # a critic over executed action chunks (ReplayBuffer.chunk_arrays)
-            batch = self.replay.sample_chunks(p["batch"], p["obs_horizon"], p["chunk"], self.rng)
-            if "bc_batch" in p:  # and a policy that keeps imitating (EXPO's base): windows beside them
-                batch["windows"] = self.replay.sample_windows(p["bc_batch"], p["obs_horizon"], p["pred_horizon"],
-                                                              self.rng)
-        elif "obs_horizon" in p:
-            batch = self.replay.sample_windows(p["batch"], p["obs_horizon"], p["pred_horizon"], self.rng)
-        else:
-            batch = self.replay.sample(p["batch"], self.rng)
-        metrics = self.agent.update(batch, self.step)
+        metrics = self.agent.update(sample_batch(self.replay, self.params, self.rng), self.step)
         if self.step % 250 == 0:
             for k, v in metrics.items():
                 self._writer.add_scalar(f"train/{k}", v, self.step * self.repeat)

@@ -33,6 +33,8 @@ class PandaEnvConfig(RobotEnvConfig):
     image_size: int = 128
     impedance: ImpedanceConfig = field(default_factory=ImpedanceConfig)
     reset: ResetConfig = field(default_factory=ResetConfig)
+    reset_from_demos: str | None = None  # dataset dir: start episodes from its demo states (sim/demo_state_reset.py)
+    demo_state_prob: float = 0.5  # with reset_from_demos: the chance of a demo start, else the random reset
 
 
 def check_panda_config(cfg: PandaEnvConfig, where: str) -> None:
@@ -60,5 +62,9 @@ def make_panda_env(task, config: PandaEnvConfig | None = None, render_mode: str 
     arm = MujocoArm(compile_spec(spec, f"{env_id} scene"), cfg.control_hz, cfg.physics_dt, cfg.impedance, cfg.safety)
     cameras = {c: MujocoCamera(arm, c, cfg.image_size, env_id) for c in cfg.cameras} if cfg.pixels else {}
     resetter = SimReset(arm, task, cfg.reset, cfg.safety, cfg.tool_quat)
-    return RobotEnv(arm, task, resetter, cfg, cameras=cameras, viewer=MujocoCamera(arm, "front", 256, env_id),
-                    render_mode=render_mode, env_id=env_id)
+    env = RobotEnv(arm, task, resetter, cfg, cameras=cameras, viewer=MujocoCamera(arm, "front", 256, env_id),
+                   render_mode=render_mode, env_id=env_id)
+    if cfg.reset_from_demos:
+        from robolearn.sim.demo_state_reset import use_demo_states
+        use_demo_states(env, cfg.reset_from_demos, cfg.demo_state_prob)
+    return env

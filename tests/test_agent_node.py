@@ -304,24 +304,32 @@ def test_late_policy_misses_its_deadline_and_holds(ros, checkpoints, make_agent)
     assert holds and fake.policy_commands(holds[0]) == 0  # no late action was sent after the hold
 
 
-def test_camera_frames_of_another_size_are_refused(ros):
+def test_camera_frames_of_another_size_are_fitted_and_a_crop_that_does_not_fit_is_refused(ros):
     from sensor_msgs.msg import Image
+    from robolearn.hardware.cameras import fit_frame
     from robolearn.ros.ros_backend import RosCamera
     context, executor, fake, _ = ros
     node = rclpy.create_node("camera_test", context=context)
     executor.add_node(node)
     try:
         cam = RosCamera(node, "front", (4, 6, 3), max_age=5.0)
+        boxed = RosCamera(node, "side", (4, 6, 3), max_age=5.0, topic="front/image_raw", crop=(0, 0, 8, 12))
         pub = node.create_publisher(Image, "front/image_raw", common.SENSOR_QOS)
         frame = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
-        wait_for(lambda: pub.get_subscription_count() > 0, what="camera subscription")
+        wait_for(lambda: pub.get_subscription_count() > 1, what="camera subscriptions")
         bgr = common.image_msg(frame[..., ::-1], fake.now(), "front")
         bgr.encoding = "bgr8"
         wait_for(lambda: pub.publish(bgr) or cam._newest, what="a frame")
-        assert np.array_equal(cam.read()[0], frame)  # bgr8 arrives as RGB
-        pub.publish(common.image_msg(np.zeros((5, 6, 3), np.uint8), fake.now(), "front"))
-        wait_for(lambda: cam.rejected == 1, what="a refused frame")
-        assert "Image is 5x6, expected 4x6" in cam.last_error and "front/image_raw" in cam.last_error
+        assert np.array_equal(cam.read()[0], frame)  # bgr8 arrives as RGB, already the policy's size
+        wait_for(lambda: boxed.rejected, what="a refused frame")  # a 4x6 frame has no 8x12 box
+        assert "does not fit a 4x6 frame (camera 'side')" in boxed.last_error
+        assert "front/image_raw" in boxed.last_error
+        big = np.random.default_rng(0).integers(0, 255, (10, 12, 3), dtype=np.uint8)
+        fitted = fit_frame(big, (4, 6))  # the centre 8x12, halved, as every camera does
+        wait_for(lambda: pub.publish(common.image_msg(big, fake.now(), "front")) or (
+            boxed._newest and np.array_equal(cam.read()[0], fitted)), what="the big frame, fitted")
+        assert np.array_equal(boxed.read()[0], fit_frame(big[:8], (4, 6), "none"))
+        boxed.close()
     finally:
         executor.remove_node(node)
         node.destroy_node()

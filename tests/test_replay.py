@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from robolearn.demos.dataset import Dataset, DatasetError, DatasetWriter
-from robolearn.replay import MixedReplay, ReplayBuffer, ReplayConfig, load_dataset
+from robolearn.replay import MixedReplay, ReplayBuffer, ReplayConfig, ReplayFileError, load_dataset
 
 H = 4  # tiny frames for the logic tests
 
@@ -337,7 +337,10 @@ def test_save_load_round_trip(tmp_path, capacity):
         buf.add(np.zeros(2), 1.0, obs, True, False)
     assert_same_buffer(src, dst)
     with pytest.raises(ValueError, match="capacity"):
-        ReplayBuffer(capacity + 1, *spaces(3), frame_stack=3, nstep=3, device="cpu").load(tmp_path / "replay.h5")
+        ReplayBuffer(capacity - 1, *spaces(3), frame_stack=3, nstep=3, device="cpu").load(tmp_path / "replay.h5")
+    if capacity == 23:  # wrapped: its slot order is not time order, so it cannot grow either
+        with pytest.raises(ValueError, match="capacity"):
+            ReplayBuffer(capacity + 1, *spaces(3), frame_stack=3, nstep=3, device="cpu").load(tmp_path / "replay.h5")
 
 
 def test_mixed_save_load(tmp_path):
@@ -482,3 +485,25 @@ def test_chunk_transitions_are_nstep_transitions_over_action_chunks():
     assert c["next_obs"]["images/cam"].shape == (4, 2, H, H, 3)
     mixed = MixedReplay(buf, buf, demo_ratio=0.5).sample_chunks(6, 2, 3, np.random.default_rng(0))
     assert mixed["action"].shape == (6, 3, 1) and mixed["discount"].shape == (6,)
+
+
+def test_a_saved_full_unwrapped_buffer_loads_into_a_bigger_one(tmp_path):
+    """A demo buffer saved with no room beyond its dataset resumes into one with room for interventions."""
+    small = ReplayBuffer(12, *spaces(1), device="cpu")
+    feed = FakeEpisodes(small, 1, np.random.default_rng(0))
+    feed.episode(5, "truncated")
+    feed.episode(5, "truncated")  # 2 x 6 slots: exactly full, the pointer back at 0, never overwritten
+    assert small.size == 12
+    small.save(tmp_path / "b.h5")
+    big = ReplayBuffer(40, *spaces(1), device="cpu")
+    big.load(tmp_path / "b.h5")
+    assert len(big) == len(small) == 10
+    FakeEpisodes(big, 1, np.random.default_rng(1)).episode(5, "truncated")
+    assert len(big) == 15 and big.size == 18  # appended after the saved slots, none overwritten
+    wrapped = ReplayBuffer(12, *spaces(1), device="cpu")
+    feed = FakeEpisodes(wrapped, 1, np.random.default_rng(2))
+    for _ in range(3):
+        feed.episode(5, "truncated")  # the third episode overwrote the first
+    wrapped.save(tmp_path / "w.h5")
+    with pytest.raises(ReplayFileError, match="capacity=12, this buffer 40"):
+        ReplayBuffer(40, *spaces(1), device="cpu").load(tmp_path / "w.h5")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ros_processes import stop_node
 
 rclpy = pytest.importorskip("rclpy")
 # Real DDS and real-time nodes on a 2-core machine that CI shares with itself: a test that met a
@@ -59,15 +60,6 @@ def start_node(env: dict, log: Path, *params: str) -> subprocess.Popen:
         return subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def stop_node(proc: subprocess.Popen, sig=signal.SIGTERM) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 
 class Client:

@@ -520,3 +520,155 @@ class RewardClassifier(nn.Module):
     def reward(self, obs: dict[str, np.ndarray]) -> float:
         """SERL's learned sparse reward: 1.0 when the classifier says success."""
         return float(self.predict(obs) > self.cfg.threshold)
+
+
+# -- reward classifier files -----------------------------------------------------------------
+# A folder: weights.safetensors (every tensor but a frozen encoder's), frozen_encoder.safetensors (its
+# weights, when the config has one, so the folder is all a robot needs) and config.json (the config, the
+# observation keys it reads with their shapes and dtypes, and each weights file's sha256). Each file is
+# written through a temporary file and a rename, config.json last: a crash between files leaves a
+# checksum mismatch that load_classifier names, never a silently mixed classifier.
+
+CLASSIFIER_FORMAT = "robolearn-reward-classifier/1"
+CLASSIFIER_WEIGHTS, CLASSIFIER_FROZEN, CLASSIFIER_CONFIG = "weights.safetensors", "frozen_encoder.safetensors", "config.json"
+
+
+def classifier_spec(clf: RewardClassifier, observation_space) -> dict[str, dict]:
+    """{key: {"shape": [...], "dtype": "uint8"}} of the observation keys `clf` reads, from `observation_space`."""
+    spaces = observation_space.spaces
+    keys = (*clf.image_keys, *clf.cfg.proprio_keys)
+    missing = [k for k in keys if k not in spaces]
+    if missing:
+        raise ValueError(f"the classifier reads {missing}, which the observation space lacks (keys: {list(spaces)})")
+    return {k: {"shape": [int(d) for d in spaces[k].shape], "dtype": np.dtype(spaces[k].dtype).name} for k in keys}
+
+
+def save_classifier(clf: RewardClassifier, path, observation_space=None, metrics: dict | None = None):
+    """Write `clf` to the folder `path` (created; its files replaced); returns the folder's Path.
+
+    `observation_space`: the one `clf` was built for (default: clf.observation_space, which
+    load_classifier sets). `metrics` (JSON-able, e.g. accuracy) go into config.json for the record."""
+    import hashlib
+    from dataclasses import asdict, replace
+    from pathlib import Path
+
+    from safetensors.torch import save
+
+    from robolearn.checkpoint import write_bytes, write_json
+
+    space = observation_space if observation_space is not None else getattr(clf, "observation_space", None)
+    if space is None:
+        raise ValueError("save_classifier: give the observation space the classifier was built for")
+    spec = classifier_spec(clf, space)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = replace(clf.cfg, image_keys=tuple(clf.image_keys))  # resolved: the cameras it was trained on
+    tensors = {k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items() if not k.startswith("frozen.")}
+    blobs = {CLASSIFIER_WEIGHTS: save(tensors)}
+    if clf.frozen is not None:
+        blobs[CLASSIFIER_FROZEN] = save({k: v.detach().cpu().contiguous() for k, v in clf.frozen.net.state_dict().items()})
+        cfg = replace(cfg, frozen_encoder=CLASSIFIER_FROZEN)  # relative to the folder
+    for name, data in blobs.items():
+        write_bytes(out / name, data)
+    write_json(out / CLASSIFIER_CONFIG, {
+        "format": CLASSIFIER_FORMAT, "config": asdict(cfg), "observation": spec, "metrics": metrics or {},
+        "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()}})
+    return out
+
+
+def space_from_spec(spec, where: str):
+    """The Dict space a saved observation spec describes; ValueError naming the field when malformed."""
+    from gymnasium import spaces
+
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"{where}: field observation must be a non-empty object of key -> shape, dtype")
+    out = {}
+    for key, s in spec.items():
+        try:
+            shape, dtype = tuple(int(d) for d in s["shape"]), np.dtype(s["dtype"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{where}: field observation.{key} is malformed ({type(err).__name__}: {err})") from None
+        low, high = (0, 255) if dtype == np.uint8 else (-np.inf, np.inf)
+        out[key] = spaces.Box(low, high, shape, dtype)
+    return spaces.Dict(out)
+
+
+def load_classifier(path, observation_space=None, device: torch.device | str | None = None) -> RewardClassifier:
+    """The classifier save_classifier wrote to `path`, in eval mode; with `observation_space`, it must hold every
+    key the classifier reads with the saved shape and dtype. ValueError naming the file and field otherwise."""
+    import hashlib
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    from safetensors.torch import load
+
+    folder = Path(path)
+    cfg_file = folder / CLASSIFIER_CONFIG
+    if not folder.is_dir():
+        raise ValueError(f"reward classifier {folder}: no such folder (write one with `robolearn classifier train`)")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{cfg_file}: missing; {folder} is not a reward classifier folder") from None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{cfg_file}: damaged ({type(err).__name__}: {err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != CLASSIFIER_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{cfg_file}: field format is {got!r}, expected {CLASSIFIER_FORMAT!r}")
+    raw, known = meta.get("config"), {f.name for f in fields(ClassifierConfig)}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_file}: field config must be an object of ClassifierConfig fields")
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{cfg_file}: field config.{unknown[0]} is not a ClassifierConfig field "
+                         "(written by a newer robolearn?)")
+    cfg = ClassifierConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    space = space_from_spec(meta.get("observation"), str(cfg_file))
+    if observation_space is not None:
+        theirs = observation_space.spaces
+        for key, s in space.spaces.items():
+            if key not in theirs:
+                raise ValueError(f"{cfg_file}: observation key {key!r} the classifier reads is not in the "
+                                 f"observation space (keys: {sorted(theirs)})")
+            for attr, a, b in (("shape", s.shape, tuple(theirs[key].shape)),
+                               ("dtype", s.dtype, np.dtype(theirs[key].dtype))):
+                if a != b:
+                    raise ValueError(f"{cfg_file}: observation {key!r} has {attr} {a} in the classifier but {b} "
+                                     "in the observation space")
+    names = [CLASSIFIER_WEIGHTS]
+    if cfg.frozen_encoder is not None:
+        if cfg.frozen_encoder != CLASSIFIER_FROZEN:
+            raise ValueError(f"{cfg_file}: field config.frozen_encoder is {cfg.frozen_encoder!r}, expected "
+                             f"{CLASSIFIER_FROZEN!r} (the folder carries its frozen encoder)")
+        names.append(CLASSIFIER_FROZEN)
+        cfg = replace(cfg, frozen_encoder=str(folder / CLASSIFIER_FROZEN))
+    sums = meta.get("sha256") if isinstance(meta.get("sha256"), dict) else {}
+    tensors = {}
+    for name in names:
+        f = folder / name
+        try:
+            data = f.read_bytes()
+        except OSError as err:
+            raise ValueError(f"{f}: missing or unreadable ({err.strerror})") from None
+        if hashlib.sha256(data).hexdigest() != sums.get(name):
+            raise ValueError(f"{f}: fails its checksum (field sha256.{name} of {CLASSIFIER_CONFIG}): damaged or "
+                             "changed after it was saved")
+        if name == CLASSIFIER_WEIGHTS:
+            try:
+                tensors = load(data)
+            except Exception as err:  # safetensors' own error types
+                raise ValueError(f"{f}: damaged ({type(err).__name__}: {err})") from None
+    try:
+        clf = RewardClassifier(space, cfg, device)
+    except ValueError as err:
+        raise ValueError(f"{cfg_file}: {err}") from None
+    expected = {k: v for k, v in clf.state_dict().items() if not k.startswith("frozen.")}
+    bad = sorted(set(expected) ^ set(tensors)) or [k for k in expected if tensors[k].shape != expected[k].shape]
+    if bad:
+        raise ValueError(f"{folder / CLASSIFIER_WEIGHTS}: tensor {bad[0]!r} does not fit the classifier "
+                         f"{CLASSIFIER_CONFIG} describes")
+    clf.load_state_dict(tensors, strict=False)
+    clf.eval()
+    clf.observation_space = space
+    return clf

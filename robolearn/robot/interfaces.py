@@ -58,6 +58,13 @@ class ArmBackend(Protocol):
     def close(self) -> None: ...
 
 
+class JointMover(Protocol):
+    """Optional for an ArmBackend: move the joints directly (a periodic full joint reset, as SERL does)."""
+
+    def move_joints(self, q: np.ndarray, duration: float) -> None:
+        """Move to `q` (rad, joint_names order) along interpolated joint targets over `duration` s; blocks."""
+
+
 class Camera(Protocol):
     name: str
     shape: tuple[int, int, int]  # H, W, C of the frames read() returns

@@ -31,11 +31,26 @@ from robolearn.robot.env import RobotEnv
 from robolearn.robot.interfaces import StaleStateError
 from robolearn.ros import common
 from robolearn.ros import robot_params
+from robolearn.ros.rewards import REWARD_PARAMS
 from robolearn.ros.robot_params import ENV_FIELDS, SAFETY_FIELDS
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 PARAMS = {  # name: (default, description); docs/ros.md lists them
-    "checkpoint": ("", "policy checkpoint: a run dir, its checkpoints/ dir or a step dir"),
+    "checkpoint": ("", "policy checkpoint: a run dir, its checkpoints/ dir or a step dir (mode train: optional, "
+                       "else the learner's weights)"),
+    "mode": ("deploy", "deploy: act with the checkpoint; train: also send episodes to learner_node and take its weights"),
+    "agent": ("serl", "mode train: the agent the learner trains (its weights of another agent are refused)"),
+    "actor_id": ("", "mode train: this actor's name in episodes and acks (empty: the node's full name)"),
+    "eval_every": (5, "mode train: every N-th episode acts deterministically and is marked eval (0: none)"),
+    "resend_s": (5.0, "mode train: republish episodes the learner has not acknowledged after N s"),
+    "max_unacked": (2000, "mode train: episodes kept for the learner; beyond, the oldest is dropped with an error"),
+    "teleop_device": ("", "mode train: intervention device (keyboard, gamepad, spacemouse, ros); empty: none"),
+    "reward_source": ("task", "mode train: task (task/reward, task/success), classifier (a reward classifier run here), "
+                              "operator (a key or ~/success marks success) or rlif (-1 where a human takes over)"),
+    **REWARD_PARAMS,
+    "episodes_topic": (common.EPISODES, "mode train: std_msgs/UInt8MultiArray out, finished episodes"),
+    "weights_topic": (common.WEIGHTS, "mode train: std_msgs/UInt8MultiArray in, the learner's weights"),
+    "acks_topic": (common.ACKS, "mode train: std_msgs/String in, the learner's acknowledgements"),
     **robot_params.ROBOT_PARAMS,
     "episodes": (0, "run this many episodes, print the success line and exit 0 (0: until stopped)"),
     "seed": (0, "episode k resets with env seed seed + k"),
@@ -128,7 +143,10 @@ class AgentNode(LifecycleNode):
         super().__init__("agent", **kwargs)
         robot_params.declare(self, PARAMS)
         self._read_parameters()
-        self.env = self.agent = self._control_timers = None
+        self.env = self.agent = self._control_timers = self.link = self._rec = self.device = self.reward = None
+        self._agent_lock = threading.Lock()  # act() against weights arriving from the learner
+        self.segments = self.total_steps = self.interventions = 0
+        self.seed_steps, self._eval = 0, False
         self._parts, self._need_reset, self._return = [], True, 0.0
         self.finished = threading.Event()  # set when `episodes` are done or a signal arrives
         self.exit_code, self.summary, self.lifecycle, self.error = 0, "", "unconfigured", ""
@@ -172,14 +190,24 @@ class AgentNode(LifecycleNode):
         p = self.p
         if not 0 <= p["thread_priority"] <= 99:
             raise ValueError(f"parameter thread_priority: {p['thread_priority']} is not in 0-99")
-        config = read_config(p["checkpoint"])
+        if p["mode"] not in ("deploy", "train"):
+            raise ValueError(f"parameter mode: {p['mode']!r} is not deploy or train")
+        if p["reward_source"] not in ("task", "rlif", "classifier", "operator"):
+            raise ValueError(f"parameter reward_source: {p['reward_source']!r} is not task, classifier, operator or rlif")
+        train = p["mode"] == "train"
+        if not p["checkpoint"] and not train:
+            raise ValueError("parameter checkpoint is empty: mode deploy needs a checkpoint")
+        config = read_config(p["checkpoint"]) if p["checkpoint"] else {}
         p["uses_gripper"] = self._uses_gripper(config)
         shapes = robot_params.camera_shapes(p, config.get("observation_space", {}), "checkpoint")
         env, self._parts = robot_params.make_robot_env(self, p, shapes, self._io, self.get_fully_qualified_name())
-        bad = checkpoint_mismatches(config, env)
+        bad = checkpoint_mismatches(config, env) if config else []
         if bad:
             raise ValueError(f"checkpoint {p['checkpoint']} does not fit this robot: " + "; ".join(bad))
-        self.agent, _ = load_agent(p["checkpoint"], env)
+        if config:
+            self.agent, _ = load_agent(p["checkpoint"], env)
+        if train:
+            self._configure_training(env, config)
         # A chunked policy samples one chunk per action_horizon ticks with small convolutions at batch 1,
         # which more threads slow down (bench/diffusion_inference.py: 38 ms on 1 thread, 86-104 ms on 2).
         self._torch_threads(bool(shapes) and not hasattr(self.agent, "action_horizon"))
@@ -187,6 +215,44 @@ class AgentNode(LifecycleNode):
         gc.collect()
         gc.freeze()  # the ~190k objects alive now (torch, rclpy, the agent) are never scanned again: a full
         # collection over them took 150-175 ms here, a stalled tick every few seconds
+
+    def _configure_training(self, env, config: dict) -> None:
+        from robolearn.payload import env_spec
+        from robolearn.ros.actor import LearnerLink
+
+        p = self.p
+        if config and config.get("agent") != p["agent"]:
+            raise ValueError(f"checkpoint {p['checkpoint']} holds a {config.get('agent')!r} agent; parameter agent is "
+                             f"{p['agent']!r}")
+        for name in ("resend_s", "max_unacked"):
+            if not p[name] > 0:
+                raise ValueError(f"parameter {name}: {p[name]} must be positive")
+        if p["eval_every"] < 0:
+            raise ValueError(f"parameter eval_every: {p['eval_every']} must be 0 or more")
+        if p["teleop_device"]:
+            from robolearn.demos.teleop import make_device
+            self.device = make_device(p["teleop_device"])
+            self._parts.append(self.device)
+        self.link = LearnerLink(self, p["actor_id"] or self.get_fully_qualified_name(), env_spec(env, p["agent"]),
+                                lambda *a: self._on_weights(env, *a), p["episodes_topic"], p["weights_topic"],
+                                p["acks_topic"], p["resend_s"], p["max_unacked"], self._io)
+        self._parts.append(self.link)
+        self._rng = np.random.default_rng(p["seed"])
+        from robolearn.ros.rewards import make_reward
+        self.reward = make_reward(self, p, env, self._io)
+        self._parts.append(self.reward)
+
+    def _on_weights(self, env, state: dict, spec: dict, meta: dict) -> None:
+        """The learner's weights (subscription thread): the first build the agent from their config."""
+        from robolearn.train import build_agent
+        agent = self.agent
+        if agent is None:
+            agent, _ = build_agent(spec["agent"], env, {}, 0, meta["config"])
+        with self._agent_lock:
+            agent.load_state_dict({**agent.state_dict(), **state})  # its own optimizer and random streams stay
+            self.agent, self.seed_steps = agent, int(meta.get("seed_steps", 0))
+        self.get_logger().info(f"weights v{meta.get('version')} after {meta.get('updates')} updates",
+                               throttle_duration_sec=10.0)
 
     def _uses_gripper(self, config: dict) -> bool:
         """From the checkpoint's action_shape and action_mode (xyz: 3 or 4, 6dof: 6 or 7), so a checkpoint
@@ -253,7 +319,8 @@ class AgentNode(LifecycleNode):
     def _release(self) -> None:
         for part in self._parts:
             part.close()
-        self._parts, self.env, self.agent = [], None, None
+        self._parts, self.env, self.agent, self.link, self.device, self._rec, self.reward = [], None, None, None, None, \
+            None, None
 
     # -- control -----------------------------------------------------------------------------
     def _tick(self) -> None:
@@ -287,8 +354,15 @@ class AgentNode(LifecycleNode):
                 self._hold("reset", f"reset failed (retrying): {err}")
             time.sleep(min(1.0, 10 * self.period))  # a service that fails fast is not hammered
             return
-        self.agent.reset()  # an agent with a history or action chunks starts afresh
+        if self.agent is not None:
+            self.agent.reset()  # an agent with a history or action chunks starts afresh
+        if self.reward is not None:
+            self.reward.reset()  # a success key pressed during the reset does not count for this episode
         self._need_reset, self.steps, self._return = False, 0, 0.0
+        if self.link is not None:
+            self._flush()  # the next observation opens the episode's recording
+            n = self.p["eval_every"]
+            self._eval = bool(n) and self.episodes % n == n - 1
         self.get_logger().info(f"episode {self.episodes}: reset with seed {seed}")
         if self._control_timers:  # restart the period grid after the blocking reset
             self._control_timers[0].regrid()
@@ -304,13 +378,18 @@ class AgentNode(LifecycleNode):
                 return self._stale(err)
         stamp, receipt = env.state.stamp, env.arm.joint_receipt  # of the joint_states this observation used
         if self.steps:  # the score now measures the previous action, as env.step's does
-            reward, success = env.task.score(env.arm)
-            self._return += float(success) if env.cfg.reward_type == "sparse" else reward
-            if (success and env.cfg.terminate_on_success) or self.steps >= env.cfg.max_episode_steps:
+            reward, success = self.reward.score(obs, env.arm) if self.reward is not None else env.task.score(env.arm)
+            reward = float(success) if env.cfg.reward_type == "sparse" else float(reward)
+            self._return += reward
+            terminated = bool(success and env.cfg.terminate_on_success)
+            truncated = self.steps >= env.cfg.max_episode_steps
+            if self.link is not None:
+                self._record(obs, reward, terminated, truncated, success)
+            if terminated or truncated:
                 return self._end_episode(success)
-        import torch
-        with torch.inference_mode():
-            action = self.agent.act(obs, explore=False)
+        elif self.link is not None:
+            self._record(obs)
+        action, intervened = self._choose(obs)
         if self.p["publish_steps"]:
             self.steps_pub.publish(Float64MultiArray(data=[float(self.episodes), float(self.steps),
                                                            *map(float, obs["state"]), *map(float, action)]))
@@ -330,8 +409,51 @@ class AgentNode(LifecycleNode):
                 self.bad_actions += 1
                 return self._hold("action", f"rejected action: {err}", error=True)
             sent, now, self._held = time.monotonic(), self.get_clock().now().nanoseconds * 1e-9, None
+            if self._rec is not None:
+                self._rec.act(action, intervened)
         self.steps += 1
+        self.total_steps += 1
         return now - stamp, sent - receipt
+
+    def _choose(self, obs) -> tuple[np.ndarray, bool]:
+        """The operator's action while they intervene; else the policy's (random before the learner's
+        first weights and during its seed steps); deterministic in deploy mode and in eval episodes."""
+        if self.device is not None:
+            inp = self.device.read(obs)
+            if inp.active:
+                self.interventions += 1
+                closed = obs["state"][6] < 0.5 * self.p["gripper_max_opening"]  # state: pos, vel, opening, ...
+                return inp.action(1.0 if closed else -1.0, self.env.action_dim), True
+        train = self.link is not None
+        if train and (self.agent is None or self.total_steps < self.seed_steps):
+            return self._rng.uniform(-1, 1, self.env.action_dim).astype(np.float32), False
+        import torch
+        with self._agent_lock, torch.inference_mode():
+            return self.agent.act(obs, explore=train and not self._eval), False
+
+    def _record(self, obs, reward=None, terminated=False, truncated=False, success=False) -> None:
+        """Add an observation to the recording, opening one (a new segment after a hold) where none is."""
+        if self._rec is None:
+            from robolearn.ros.actor import EpisodeRecorder
+            self._rec = EpisodeRecorder()
+            reward = None
+        self._rec.observe(obs, reward, terminated, truncated)
+        if terminated or truncated:
+            self._flush(success)
+
+    def _flush(self, success: bool = False) -> None:
+        """Send the recording's complete transitions (ended truncated unless terminated) and close it."""
+        rec, self._rec = self._rec, None
+        episode = rec.finish() if rec is not None else None
+        if episode is None or self.link is None:
+            return
+        if self.p["reward_source"] == "rlif":  # the human taking over is the (only) penalty
+            took_over = np.append(episode["intervention"][1:], False) & ~episode["intervention"]
+            episode["reward"] = -took_over.astype(np.float32)
+        self.link.send(self.segments, episode, {"success": bool(success), "eval": self._eval,
+                                                "return": float(episode["reward"].sum()), "version": self.link.version,
+                                                "interventions": int(episode["intervention"].sum())})
+        self.segments += 1
 
     def _end_episode(self, success: bool) -> None:
         if self.p["publish_steps"]:
@@ -365,6 +487,8 @@ class AgentNode(LifecycleNode):
         if self._held == key:
             return
         self._held, self._held_msg = key, msg
+        if self._rec is not None:  # what was recorded before the hold goes as a segment of its own
+            self._flush(success=False)
         pose = self.env.arm.hold() if self.env is not None else None
         text = f"holding ({msg})" + ("" if pose is not None else ": no pose received to hold")
         if error:  # rclpy's logger wants one severity per call site
@@ -417,7 +541,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning threads starve a shared machine
     sys.setswitchinterval(0.0005)  # a ready timer thread waits at most this for the GIL (default 5 ms)
     rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)  # we hold the arm before exiting
-    node = AgentNode()
+    try:
+        node = AgentNode()
+    except ValueError as err:  # a parameter of the wrong type: one line, nothing started
+        print(f"agent_node: {err}", file=sys.stderr)
+        rclpy.try_shutdown()
+        return 2
     executor = common.executor(threads=4)
     executor.add_node(node)
     stop = threading.Event()

@@ -176,3 +176,24 @@ def image_array(msg) -> np.ndarray:
     rows = np.frombuffer(bytes(msg.data), dtype=np.uint8, count=step * h).reshape(h, step)
     frame = rows[:, :3 * w].reshape(h, w, 3)
     return np.ascontiguousarray(frame[..., ::-1] if msg.encoding == "bgr8" else frame)
+
+
+# --- added for the actor/learner split (agent_node mode:=train, learner_node) -----------------------
+EPISODES = "learner/episodes"  # std_msgs/UInt8MultiArray: a finished episode (robolearn.payload), PAYLOAD_QOS
+WEIGHTS = "learner/weights"  # std_msgs/UInt8MultiArray: the newest weights, WEIGHTS_QOS (late joiners get them)
+ACKS = "learner/acks"  # std_msgs/String: JSON {"actor": id, "episodes": [index, ...]} once stored on disk
+PAYLOAD_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+WEIGHTS_QOS = LATCHED_QOS
+
+
+def payload_msg(data: bytes):
+    """std_msgs/UInt8MultiArray carrying safetensors bytes (robolearn.payload)."""
+    from std_msgs.msg import UInt8MultiArray
+    msg = UInt8MultiArray()
+    msg.data = data
+    return msg
+
+
+def payload_bytes(msg) -> bytes:
+    data = msg.data
+    return data.tobytes() if hasattr(data, "tobytes") else bytes(data)

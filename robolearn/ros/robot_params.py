@@ -30,6 +30,11 @@ ROBOT_PARAMS = {  # name: (default, description)
     "uses_gripper": (True, "the task has a gripper action (the last action entry)"),
     "startup_timeout": (30.0, "s to wait at startup for the first robot state"),
     "reset_timeout": (30.0, "s to wait for the reset service and the state after it"),
+    "reset": ("", "episode reset: empty = call reset_service (the simulator's, or your robot's); else a YAML file "
+                  "with a `reset:` mapping, scripted or operator (docs/resets.md)"),
+    "profile": ("", "arm profile: a shipped name (franka_fr3, ur5e_ros2, ros2_control_position, ...) or a YAML "
+                    "path (docs/hardware.md); it then names the joints, topics, QoS and the backend's own box and "
+                    "reference limits, and the parameters from frame_id to gripper_topic are unused"),
     "frame_id": (common.BASE_FRAME, "frame of current_pose and of the commands"),
     "joint_names": (list(common.PANDA_JOINTS), "arm joints read from joint_states"),
     "finger_joints": (list(common.PANDA_FINGER_JOINTS), "gripper joints; their positions sum to the opening"),
@@ -49,6 +54,8 @@ STRINGS = ("cameras", "joint_names", "finger_joints")
 
 def coerce(name: str, value, default):
     """A parameter value as its default's type (dynamic typing lets `action_scale:=1` through)."""
+    if value is None and isinstance(default, list):  # `-p name:=[]` arrives unset: an empty list
+        return []
     try:
         if isinstance(default, (bool, str)):
             if type(value) is not type(default):
@@ -91,15 +98,25 @@ def make_robot_env(node, p: dict, camera_shapes: dict[str, list[int]], group, en
     """The RobotEnv on the ROS robot `p` describes, once every part has a fresh message; returns (env, parts)."""
     cfg = env_config(p)
     age = p["max_obs_age"] or 2.0 / cfg.control_hz
-    arm = RosArm(node, cfg.control_hz, cfg.safety, age, p["joint_names"], p["finger_joints"], p["frame_id"],
-                 p["gripper_max_opening"], p["joint_states_topic"], p["pose_topic"], p["twist_topic"],
-                 p["equilibrium_pose_topic"], p["gripper_topic"], callback_group=group)
+    if p.get("profile"):  # every input topic heard, QoS and joint order checked, within the profile's timeout
+        from robolearn.ros.arm_profile import open_arm
+        arm = open_arm(node, p["profile"], cfg.control_hz, cfg.safety, age, group)
+    else:
+        arm = RosArm(node, cfg.control_hz, cfg.safety, age, p["joint_names"], p["finger_joints"], p["frame_id"],
+                     p["gripper_max_opening"], p["joint_states_topic"], p["pose_topic"], p["twist_topic"],
+                     p["equilibrium_pose_topic"], p["gripper_topic"], callback_group=group)
     task = RosTask(node, p["uses_gripper"], age, p["object_state_topic"], p["reward_topic"], p["success_topic"],
                    callback_group=group)
     cameras = {cam: RosCamera(node, cam, shape, p["max_image_age"] or age, callback_group=group)
                for cam, shape in camera_shapes.items()}
-    resetter = RosReset(node, arm, None if cameras else task, p["reset_service"], p["reset_timeout"], group)
-    parts = [arm, task, *cameras.values(), resetter]
+    parts = [arm, task, *cameras.values()]
+    try:
+        resetter, more = make_resetter(node, p, arm, None if cameras else task, cfg, group)
+    except Exception:
+        for part in parts:
+            part.close()
+        raise
+    parts += more
     reads = [arm.read, *(c.read for c in cameras.values())] + ([] if cameras else [lambda: task.object_state(arm)])
     if not wait_until(node, lambda: not any(map(_unready, reads)), p["startup_timeout"]):
         for part in parts:
@@ -107,6 +124,31 @@ def make_robot_env(node, p: dict, camera_shapes: dict[str, list[int]], group, en
         raise TimeoutError(f"no robot state within startup_timeout {p['startup_timeout']:g} s: "
                            + "; ".join(filter(None, map(_unready, reads))))
     return RobotEnv(arm, task, resetter, cfg, cameras, env_id=env_id), parts
+
+
+def make_resetter(node, p: dict, arm, task, cfg, group) -> tuple:
+    """(reset handler, its parts to close): the reset service, or the `reset` YAML's scripted/operator reset."""
+    if not p.get("reset"):
+        resetter = RosReset(node, arm, task, p["reset_service"], p["reset_timeout"], group)
+        return resetter, [resetter]
+    from robolearn.hardware.resets import CONFIGS, OperatorResetConfig, load_reset_spec, make_reset, parse_config
+
+    spec, where = load_reset_spec(p["reset"])
+    typed = parse_config(spec, where)
+    kinds = [typed] + ([parse_config(typed.inner, f"{where}.inner")] if isinstance(typed, OperatorResetConfig)
+                       and typed.inner else [])
+    for kind in kinds:
+        name = next(k for k, c in CONFIGS.items() if isinstance(kind, c))
+        if name not in ("scripted", "operator"):
+            raise ValueError(f"{where}: type {name} is not available on a ROS robot (scripted or operator; a learned "
+                             "reset runs through robolearn.hardware.resets.make_reset in Python, demo_state in "
+                             "simulation through the env option reset_from_demos)")
+    confirm, more = None, []
+    if isinstance(typed, OperatorResetConfig) and typed.confirm == "trigger":
+        from robolearn.ros.operator_reset import TriggerConfirm
+        confirm = TriggerConfirm(node, typed.service, group)
+        more.append(confirm)
+    return make_reset(typed, arm, where=where, safety=cfg.safety, confirm=confirm), more
 
 
 def camera_shapes(p: dict, spec: dict, what: str) -> dict[str, list[int]]:

@@ -100,15 +100,18 @@ class RosArm(_Topics):
                  frame: str = common.BASE_FRAME, max_opening: float = common.GRIPPER_MAX_OPENING,
                  joint_states: str = common.JOINT_STATES, pose: str = common.TOOL_POSE, twist: str = common.TOOL_TWIST,
                  equilibrium_pose: str = common.EQUILIBRIUM_POSE, gripper: str = common.GRIPPER_COMMANDS,
-                 callback_group=None):
+                 callback_group=None, qos: dict | None = None):
+        """qos: {"joint_states"|"current_pose"|"current_twist": QoSProfile} overrides (an arm profile's)."""
         super().__init__(node, max_age if max_age else 2.0 / control_hz, callback_group)
         self.control_hz, self.safety = control_hz, safety or SafetyConfig()
         self.joint_names, self.finger_names = tuple(joint_names), tuple(finger_names)
         self.frame, self.max_opening = frame, max_opening
         self.topics = (joint_states, pose, twist)
-        self._sub(JointState, joint_states, common.RELIABLE_QOS, self._parse_joints)
-        self._sub(PoseStamped, pose, common.SENSOR_QOS, self._parse_pose)
-        self._sub(TwistStamped, twist, common.SENSOR_QOS, self._parse_twist)
+        qos = {"joint_states": common.RELIABLE_QOS, "current_pose": common.SENSOR_QOS,
+               "current_twist": common.SENSOR_QOS, **(qos or {})}
+        self._sub(JointState, joint_states, qos["joint_states"], self._parse_joints)
+        self._sub(PoseStamped, pose, qos["current_pose"], self._parse_pose)
+        self._sub(TwistStamped, twist, qos["current_twist"], self._parse_twist)
         self.pose_pub = node.create_publisher(PoseStamped, equilibrium_pose, common.RELIABLE_QOS)
         self.gripper_pub = node.create_publisher(Float64MultiArray, gripper, common.RELIABLE_QOS)
         self.joint_receipt = float("nan")  # receipt time (monotonic) of the joint_states the last read() used
@@ -174,25 +177,50 @@ class RosArm(_Topics):
 
 
 class RosCamera(_Topics):
-    """The newest `<name>/image_raw` frame as uint8 HWC; frames of another size are refused, naming it."""
+    """The newest frame of `<name>/image_raw` (sensor_msgs/Image) or of a topic ending in `/compressed`
+    (sensor_msgs/CompressedImage), cropped and resized to `shape` as every camera is (hardware.cameras.fit_frame)."""
 
     def __init__(self, node, name: str, shape: tuple[int, int, int], max_age: float, topic: str | None = None,
-                 callback_group=None):
+                 callback_group=None, crop="center"):
+        from robolearn.hardware.cameras import fit_frame
         super().__init__(node, max_age, callback_group)
-        self.name, self.shape = name, tuple(int(s) for s in shape)
+        self.name, self.shape, self.crop = name, tuple(int(s) for s in shape), crop
         self.topic = topic or common.IMAGE_RAW.format(camera=name)
-        self._sub(Image, self.topic, common.SENSOR_QOS, self._parse)
+        self._fit = fit_frame
+        if self.topic.rstrip("/").endswith("/compressed"):
+            from sensor_msgs.msg import CompressedImage
+            self._sub(CompressedImage, self.topic, common.SENSOR_QOS, self._parse_compressed)
+        else:
+            self._sub(Image, self.topic, common.SENSOR_QOS, self._parse)
 
-    def _parse(self, msg: Image):
-        frame = common.image_array(msg)
-        if frame.shape != self.shape:
-            raise ValueError(f"Image is {frame.shape[0]}x{frame.shape[1]}, expected {self.shape[0]}x{self.shape[1]} "
-                             f"(camera {self.name!r}; robolearn does not resize)")
-        return frame, common.from_time(msg.header.stamp)
+    def _parse(self, msg):
+        return self._fitted(common.image_array(msg)), common.from_time(msg.header.stamp)
+
+    def _parse_compressed(self, msg):
+        import cv2
+        data = np.frombuffer(bytes(msg.data), dtype=np.uint8)
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        if bgr is None:
+            raise ValueError(f"CompressedImage.data ({data.size} bytes, format {msg.format!r}) does not decode")
+        return self._fitted(np.ascontiguousarray(bgr[..., ::-1])), common.from_time(msg.header.stamp)
+
+    def _fitted(self, frame: np.ndarray) -> np.ndarray:
+        try:
+            return self._fit(frame, self.shape[:2], self.crop)
+        except ValueError as err:  # a crop box set for another camera's size
+            raise ValueError(f"{err} (camera {self.name!r})") from None
 
     def read(self) -> tuple[np.ndarray, float]:
         frame, stamp, _ = self._fresh(self.topic)
         return frame, stamp
+
+    def age(self) -> float:
+        """s since the newest frame, by receipt and by stamp on the node's clock, as read() judges it; inf before any."""
+        item = self._newest.get(self.topic)
+        if item is None:
+            return float("inf")
+        now = self.node.get_clock().now().nanoseconds * 1e-9
+        return max(time.monotonic() - item[2], now - item[1] if item[1] is not None else 0.0)
 
 
 class RosTask(_Topics):

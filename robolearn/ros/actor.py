@@ -1,0 +1,144 @@
+"""agent_node's train mode: record episodes, send them to the learner, take its weights, never wait for it.
+
+`EpisodeRecorder` turns the node's ticks into episodes (obs T+1, action/reward/flags T); `LearnerLink`
+owns the three topics (robolearn.ros.common: EPISODES, WEIGHTS, ACKS): a sender thread publishes each
+finished episode and republishes what the learner has not acknowledged every `resend_s`, so episodes
+recorded while the learner is down arrive once it is back; weights are decoded in the subscription and
+handed over under the node's agent lock. docs/actor_learner.md has the picture.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+
+import numpy as np
+from std_msgs.msg import String, UInt8MultiArray
+
+from robolearn import payload
+from robolearn.ros import common
+
+
+class EpisodeRecorder:
+    """Steps of the episode (or segment) in progress; `finish` returns it as payload arrays."""
+
+    def __init__(self):
+        self.obs: list[dict] = []
+        self.action, self.reward, self.terminated, self.truncated, self.intervention = [], [], [], [], []
+
+    def __len__(self) -> int:
+        return len(self.action)
+
+    def observe(self, obs: dict, reward: float | None = None, terminated: bool = False, truncated: bool = False) -> None:
+        """The first observation, or the one after the last action with that action's reward and flags."""
+        if self.obs:
+            self.reward.append(float(reward))
+            self.terminated.append(bool(terminated))
+            self.truncated.append(bool(truncated))
+        self.obs.append({k: np.array(v) for k, v in obs.items()})
+
+    def act(self, action, intervened: bool = False) -> None:
+        self.action.append(np.asarray(action, np.float32))
+        self.intervention.append(bool(intervened))
+
+    def finish(self) -> dict | None:
+        """The complete transitions so far (an action without its next observation is dropped); the last one
+        is marked truncated unless it terminated. None when there is no complete transition."""
+        n = len(self.obs) - 1
+        if n < 1:
+            return None
+        truncated = self.truncated[:n]
+        truncated[-1] = truncated[-1] or not self.terminated[n - 1]
+        return {"obs": {k: np.stack([o[k] for o in self.obs]) for k in self.obs[0]},
+                "action": np.stack(self.action[:n]), "reward": np.asarray(self.reward[:n], np.float32),
+                "terminated": np.asarray(self.terminated[:n]), "truncated": np.asarray(truncated),
+                "intervention": np.asarray(self.intervention[:n])}
+
+
+class LearnerLink:
+    """The actor's side of the topics; `on_weights(state, meta)` is called for each valid weights message."""
+
+    def __init__(self, node, actor: str, spec: dict, on_weights, episodes_topic: str, weights_topic: str,
+                 acks_topic: str, resend_s: float, max_unacked: int, group=None):
+        self.node, self.actor, self.spec, self.on_weights = node, actor, spec, on_weights
+        self.resend_s, self.max_unacked = resend_s, max_unacked
+        self.pub = node.create_publisher(UInt8MultiArray, episodes_topic, common.PAYLOAD_QOS)
+        self.subs = [node.create_subscription(UInt8MultiArray, weights_topic, self._on_weights, common.WEIGHTS_QOS,
+                                              callback_group=group),
+                     node.create_subscription(String, acks_topic, self._on_acks, common.RELIABLE_QOS,
+                                              callback_group=group)]
+        self.unacked: OrderedDict[int, list] = OrderedDict()  # index -> [bytes, last sent (monotonic)]
+        self.sent = self.acked = self.dropped = self.rejected_weights = 0
+        self.version = 0
+        self._lock, self._wake, self._stop = threading.Lock(), threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="actor-sender", daemon=True)
+        self._thread.start()
+
+    def send(self, index: int, episode: dict, meta: dict) -> None:
+        """Queue a finished episode; returns at once (the sender thread publishes)."""
+        data = payload.pack_episode(episode, self.spec, {"actor": self.actor, "index": int(index), **meta})
+        with self._lock:
+            self.unacked[int(index)] = [data, -np.inf]
+            while len(self.unacked) > self.max_unacked:  # bounded memory: the oldest goes, loudly
+                old, _ = self.unacked.popitem(last=False)
+                self.dropped += 1
+                self.node.get_logger().error(f"dropped episode {old}: {self.max_unacked} episodes unacknowledged "
+                                             "(is the learner running?)", throttle_duration_sec=5.0)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            with self._lock:
+                due = [(i, item) for i, item in self.unacked.items() if now - item[1] >= self.resend_s]
+            for i, item in due:
+                if self._stop.is_set():
+                    return
+                self.pub.publish(common.payload_msg(item[0]))
+                item[1] = time.monotonic()
+                self.sent += 1
+            self._wake.wait(min(1.0, self.resend_s))
+            self._wake.clear()
+
+    def _on_acks(self, msg: String) -> None:
+        try:
+            ack = json.loads(msg.data)
+            if ack.get("actor") != self.actor:
+                return
+            indices = [int(i) for i in ack["episodes"]]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self.node.get_logger().error(f"malformed ack on {self.subs[1].topic_name}: {msg.data[:80]!r}",
+                                         throttle_duration_sec=5.0)
+            return
+        with self._lock:
+            for i in indices:
+                self.acked += self.unacked.pop(i, None) is not None
+
+    def _on_weights(self, msg: UInt8MultiArray) -> None:
+        spec = {k: v for k, v in self.spec.items() if k != "agent"}
+        try:
+            state, theirs, meta = payload.unpack_weights(common.payload_bytes(msg), None, "weights")
+            if theirs.get("agent") != self.spec.get("agent"):
+                raise payload.PayloadError(f"weights are for agent {theirs.get('agent')!r}, this actor runs "
+                                           f"{self.spec.get('agent')!r}")
+            payload.check_spec(spec, {k: v for k, v in theirs.items() if k != "agent"}, "weights payload")
+            self.on_weights(state, theirs, meta)
+        except (payload.PayloadError, ValueError, KeyError, RuntimeError) as err:
+            self.rejected_weights += 1
+            self.node.get_logger().error(f"refused {err}", throttle_duration_sec=5.0)
+            return
+        self.version = int(meta.get("version", 0))
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self.unacked)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=2.0)
+        for sub in self.subs:
+            self.node.destroy_subscription(sub)
+        self.node.destroy_publisher(self.pub)
