@@ -33,6 +33,7 @@ class LearnerConfig:
     agent: str = "serl"
     out: str = "runs/learner"
     demos: str | None = None
+    init_checkpoint: str | None = None  # start from these weights and agent config (a robolearn checkpoint)
     seed: int = 0
     frames: int = 20_000  # the run's planned env steps (schedules that depend on a run's length)
     agent_overrides: dict = field(default_factory=dict)
@@ -56,6 +57,11 @@ class LearnerConfig:
                 raise ValueError(f"learner {name} must be a positive number, got {value}")
         if self.demos and not Path(self.demos).exists():
             raise ValueError(f"learner demos: {self.demos} does not exist")
+        if self.init_checkpoint:
+            config = ckpt_io.read_config(self.init_checkpoint)  # CheckpointError names a missing or damaged one
+            if config.get("agent") != self.agent:
+                raise ValueError(f"learner init_checkpoint {self.init_checkpoint} holds a {config.get('agent')!r} "
+                                 f"agent; this learner trains {self.agent!r}")
 
 
 def spaces_env(spec: dict):
@@ -72,7 +78,8 @@ def spaces_env(spec: dict):
 
 
 def episode_key(meta: dict) -> str:
-    return f"{meta['actor']}/{int(meta['index'])}"
+    """actor/run/index: `run` tells a restarted actor's episodes from the ones before its restart."""
+    return f"{meta['actor']}/{meta.get('run', 0)}/{int(meta['index'])}"
 
 
 class Learner:
@@ -89,11 +96,13 @@ class Learner:
         self.ingested: set[str] = set()  # episode keys inside the replay
         self.history: dict[str, list] = {"train": [], "eval": []}  # [env steps, return, success, minutes]
         self.rng = np.random.default_rng(cfg.seed)
-        self.t0 = time.monotonic()
+        self.t0, self.minutes_before = time.monotonic(), 0.0  # minutes of earlier runs of this `out`
         self.resumed_from: Path | None = None
+        self._covered: set[str] = set()  # keys in the previous checkpoint (the oldest kept): their inbox files can go
         torch.manual_seed(cfg.seed)
         if ckpt_io.last_good(self.out) is not None:
             self._resume()
+        self._read_inbox()
 
     # -- building ----------------------------------------------------------------------------
     def _build(self, spec: dict, agent_config: dict | None = None) -> None:
@@ -105,7 +114,13 @@ class Learner:
         overrides = self.cfg.agent_overrides
         if agent_config is None:
             overrides = {**registry.get(self.cfg.agent).run_defaults(self.cfg.frames), **overrides}
+        init = None
+        if agent_config is None and self.cfg.init_checkpoint:
+            _, init, config, _ = ckpt_io.load_checkpoint(self.cfg.init_checkpoint)
+            agent_config = config["agent_config"]
         self.agent, agent_cfg = build_agent(self.cfg.agent, env, overrides, self.cfg.seed, agent_config)
+        if init is not None:
+            self.agent.load_state_dict(init)
         self.params = registry.get(self.cfg.agent).loop_params(agent_cfg, env)
         if self.cfg.seed_steps is not None:
             self.params["seed_steps"] = self.cfg.seed_steps
@@ -124,26 +139,36 @@ class Learner:
         self.agent.load_state_dict(weights)
         self.env_steps, self.updates, self.version = state["env_steps"], state["updates"], state["version"]
         self.ingested, self.history = set(state["ingested"]), state["history"]
+        self.minutes_before = state.get("minutes", 0.0)
         self.rng.bit_generator.state = state["rng"]
         ckpt_io.restore_torch_rng(ckpt)
         if (ckpt / "replay.h5").exists():
             self.replay.load(ckpt / "replay.h5")
         self.resumed_from = ckpt
+        self.log(f"resumed from {ckpt}: {self.env_steps} env steps, {self.updates} updates, "
+                 f"{len(self.ingested)} episodes")
+
+    def _read_inbox(self) -> None:
+        """Episodes acknowledged before a crash that no checkpoint holds; an unreadable file is set aside as .bad."""
         late = 0
         for path in sorted(self.inbox.glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
-            late += self.ingest(path.read_bytes(), stored=True)[1]
-        self.log(f"resumed from {ckpt}: {self.env_steps} env steps, {self.updates} updates, "
-                 f"{len(self.ingested)} episodes; {late} more from {self.inbox}")
+            try:
+                late += self.ingest(path.read_bytes(), stored=True)[1]
+            except (payload.PayloadError, ValueError, KeyError) as err:
+                path.rename(path.with_suffix(".bad"))
+                self.log(f"set aside {path.name} as .bad: {err}")
+        if late:
+            self.log(f"{late} episodes from {self.inbox} that no checkpoint held")
 
     # -- data --------------------------------------------------------------------------------
     def ingest(self, data: bytes, stored: bool = False) -> tuple[dict, bool]:
         """Store one episode (inbox file first, then replay); returns (its metadata, False for a duplicate).
         PayloadError names what is wrong with a bad one, which is then neither stored nor acknowledged."""
         episode, spec, meta = payload.unpack_episode(data, self.spec, "episode")
-        for k in ("actor", "index"):
-            if k not in meta:
-                raise payload.PayloadError(f"episode: metadata lacks {k!r}")
-        key = episode_key(meta)
+        try:
+            key = episode_key(meta)
+        except (KeyError, TypeError, ValueError) as err:
+            raise payload.PayloadError(f"episode: metadata needs actor and an integer index ({err!r})") from None
         if key in self.ingested:
             return meta, False
         if self.agent is None:
@@ -159,10 +184,14 @@ class Learner:
         (self.replay.online if hasattr(self.replay, "online") else self.replay).end_episode()
         self.ingested.add(key)
         self.env_steps += T
-        row = [self.env_steps, float(episode["reward"].sum()), bool(meta.get("success", False)),
-               round((time.monotonic() - self.t0) / 60, 3)]
-        self.history["eval" if meta.get("eval") else "train"].append(row)
+        if meta.get("final", True):  # a segment cut by a hold is not an episode of its own
+            row = [self.env_steps, float(meta.get("return", episode["reward"].sum())), bool(meta.get("success", False)),
+                   round(self.minutes(), 3)]
+            self.history["eval" if meta.get("eval") else "train"].append(row)
         return meta, True
+
+    def minutes(self) -> float:
+        return self.minutes_before + (time.monotonic() - self.t0) / 60
 
     def _inbox_path(self, key: str) -> Path:
         return self.inbox / (key.replace("/", "__").replace(os.sep, "_") + ".safetensors")
@@ -207,12 +236,16 @@ class Learner:
                   "action_shape": self.spec["action_shape"], "agent_config": self.agent.config_dict(),
                   "learner_config": asdict(self.cfg), "env_kwargs": self.spec.get("env", {})}
         state = {"env_steps": self.env_steps, "updates": self.updates, "version": self.version,
-                 "ingested": sorted(self.ingested), "history": self.history, "rng": self.rng.bit_generator.state}
+                 "ingested": sorted(self.ingested), "history": self.history, "rng": self.rng.bit_generator.state,
+                 "minutes": self.minutes()}
         path = ckpt_io.save_checkpoint(self.out / "checkpoints", self.updates, weights, config, state,
                                        {"replay.h5": self.replay.save})
         ckpt_io.write_json(self.out / "history.json", self.history)
-        for key in self.ingested:
+        # Two checkpoints are kept: an episode's file goes once the older one holds it too, so a damaged newest
+        # checkpoint (load_newest_good falls back) still finds its episodes in the inbox.
+        for key in self._covered:
             self._inbox_path(key).unlink(missing_ok=True)
+        self._covered = set(self.ingested)
         return path
 
     def summary(self) -> dict:

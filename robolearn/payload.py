@@ -80,9 +80,16 @@ def _read_header(data: bytes, kind: str, what: str) -> tuple[dict, dict]:
     if info.get("kind") != kind:
         raise PayloadError(f"{what}: a {info.get('kind')!r} payload where a {kind!r} one was expected")
     try:
-        return json.loads(info["spec"]), json.loads(info["meta"])
-    except (KeyError, ValueError) as err:
-        raise PayloadError(f"{what}: damaged metadata ({err})") from None
+        spec, meta = json.loads(info["spec"]), json.loads(info["meta"])
+        obs = spec["observation_space"]
+        ok = isinstance(meta, dict) and isinstance(spec["action_shape"], list) and isinstance(obs, dict) and all(
+            isinstance(v["shape"], list) and isinstance(v["dtype"], str) for v in obs.values())
+    except (KeyError, ValueError, TypeError) as err:
+        raise PayloadError(f"{what}: damaged metadata ({err!r})") from None
+    if not ok:
+        raise PayloadError(f"{what}: damaged metadata (spec needs observation_space {{key: {{shape, dtype}}}} and "
+                           "action_shape; meta a mapping)")
+    return spec, meta
 
 
 def _open(data: bytes, kind: str, spec: dict | None, what: str, load) -> tuple[dict, dict, dict]:
@@ -134,6 +141,10 @@ def unpack_episode(data: bytes, spec: dict | None = None, what: str = "episode")
     for key in ("action", "reward"):
         if not np.isfinite(arrays[key]).all():
             raise PayloadError(f"{what}: {key} is not finite")
+    for key in ("terminated", "truncated"):
+        early = np.flatnonzero(arrays[key][:-1])
+        if early.size:
+            raise PayloadError(f"{what}: {key} at step {int(early[0])} of {T}; only the last step may end an episode")
     episode = {"obs": obs, "action": arrays["action"], "reward": arrays["reward"],
                **{k: arrays[k].astype(bool) for k in STEP_KEYS[2:]}}
     return episode, theirs, meta

@@ -20,6 +20,7 @@ from rclpy.context import Context  # noqa: E402
 from std_msgs.msg import Float64MultiArray, UInt8MultiArray  # noqa: E402
 
 from robolearn import payload  # noqa: E402
+from robolearn.learner import episode_key  # noqa: E402
 from robolearn.ros import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,11 +134,23 @@ def test_learner_killed_and_restarted_loses_no_episode_and_never_stalls_the_acto
         text = log.read_text()
         assert "resumed from" in text, text[-3000:]
         assert len(state_of(out)["ingested"]) > before
+        # A restarted actor numbers its episodes from 0 again: they are new episodes, not duplicates.
+        stop(actor)
+        runs = lambda: {k.rsplit("/", 2)[1] for k in state_of(out)["ingested"]}  # noqa: E731
+        assert len(runs()) == 1
+        actor = start("agent_node", env, "mode:=train", "publish_steps:=true", "resend_s:=1.0", *FAST, log=log)
+        wait_for(lambda: len(runs()) == 2, 90, "an episode of the restarted actor in a checkpoint",
+                 (sim, learner, actor))
     finally:
         for p in (actor, learner):
             stop(p)
-    indices = sorted(int(k.rsplit("/", 1)[1]) for k in state_of(out)["ingested"])
+    state = state_of(out)
+    first = min(runs())
+    indices = sorted(int(k.rsplit("/", 1)[1]) for k in state["ingested"] if k.rsplit("/", 2)[1] == first)
     assert indices == list(range(len(indices))), f"a gap in the stored episodes: {indices}"
+    with probe.lock:
+        steps = {episode_key(m): len(e["action"]) for e, _, m in map(payload.unpack_episode, probe.episodes)}
+    assert state["env_steps"] == sum(steps[k] for k in state["ingested"])  # each episode counted once
 
 
 def test_intervention_steps_are_flagged_and_rlif_rewards_the_takeover(world, tmp_path):
@@ -236,3 +249,20 @@ def test_operator_success_service_ends_the_episode_with_reward_one(world, tmp_pa
     ep, _, meta = payload.unpack_episode(probe.episodes[0])
     assert meta["success"] and ep["terminated"][-1] and not ep["terminated"][:-1].any()
     assert ep["reward"][-1] == 1.0 and not ep["reward"][:-1].any() and len(ep["action"]) < 200
+
+
+def test_actor_on_a_joint_level_profile_runs_episodes_and_exits_cleanly(world, tmp_path):
+    """agent_node with an arm profile (ros2_control joint_trajectory_controller, FK for the tool pose) against the
+    simulator's trajectory controller: it acts, resets through the service, and shuts down holding the arm."""
+    env, log, sim, probe = world
+    actor = start("agent_node", env, "mode:=train", "profile:=ros2_control_trajectory", "episodes:=2",
+                  "max_episode_steps:=10", "control_hz:=10.0", "thread_priority:=0", "publish_steps:=true", log=log)
+    try:
+        assert actor.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        stop(actor)
+    text = log.read_text()
+    assert "Traceback" not in text and "train: 2 episodes" in text
+    with probe.lock:
+        actions = [d[2:] for _, d in probe.steps if d[1] >= 0]
+    assert len(actions) >= 18  # 2 episodes of 10 steps (the first tick after a reset only observes)

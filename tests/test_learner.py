@@ -112,14 +112,16 @@ def test_restart_resumes_from_checkpoint_and_reads_the_inbox(tmp_path, episodes)
     for _ in range(learner.owed()):
         learner.update()
     learner.save()
-    assert not list(learner.inbox.glob("*.safetensors"))  # covered by the checkpoint
+    assert len(list(learner.inbox.glob("*.safetensors"))) == 1  # kept until the older of two checkpoints has it
+    learner.save()
+    assert not list(learner.inbox.glob("*.safetensors"))  # both kept checkpoints hold it now
     weights = {k: v.clone() for k, v in learner.agent.state_dict().items()}
     learner.ingest(packed(spec, eps, 1, eval=True, success=True))  # then a "kill -9": no save
     assert len(list(learner.inbox.glob("*.safetensors"))) == 1
     del learner
     again = make(tmp_path)
     assert again.resumed_from is not None and again.updates == 12
-    assert again.env_steps == 24 and again.ingested == {"/agent/0", "/agent/1"}
+    assert again.env_steps == 24 and again.ingested == {"/agent/0/0", "/agent/0/1"}
     assert again.replay.size == 24 + 2 and again.replay.num_episodes == 2  # both episodes, observations included
     assert again.history["eval"][-1][2] is True
     assert all(torch.equal(again.agent.state_dict()[k], v) for k, v in weights.items())
@@ -146,3 +148,48 @@ def test_intervened_steps_also_go_to_the_demo_buffer(tmp_path, episodes):
     assert len(learner.replay.online) == 24
     assert len(learner.replay.demo) == demo_before + 4
     assert learner.update()  # batches mix both
+
+
+def test_a_learner_killed_before_its_first_checkpoint_reads_its_inbox(tmp_path, episodes):
+    spec, eps = episodes
+    learner = make(tmp_path)
+    learner.ingest(packed(spec, eps, 0))
+    learner.ingest(packed(spec, eps, 1, run=7))  # a restarted actor's index 1 ...
+    learner.ingest(packed(spec, eps, 1))  # ... and the first run's: three episodes
+    del learner  # no save: a kill before checkpoint_every_s
+    (tmp_path / "run" / "inbox" / "poison.safetensors").write_bytes(b"\x00" * 64)
+    again = make(tmp_path)
+    assert again.resumed_from is None and again.env_steps == 36 and len(again.ingested) == 3
+    assert again.ingested == {"/agent/0/0", "/agent/7/1", "/agent/0/1"}
+    assert (tmp_path / "run" / "inbox" / "poison.bad").exists()  # set aside, named in the log, not a crash loop
+
+
+def test_episodes_ended_early_or_with_bad_metadata_are_refused_before_storing(tmp_path, episodes):
+    spec, eps = episodes
+    learner = make(tmp_path)
+    early = dict(eps[0], truncated=np.arange(12) == 3)
+    with pytest.raises(payload.PayloadError, match="truncated at step 3 of 12; only the last step"):
+        learner.ingest(payload.pack_episode(early, spec, {"actor": "/agent", "index": 0}))
+    with pytest.raises(payload.PayloadError, match="metadata needs actor and an integer index"):
+        learner.ingest(payload.pack_episode(eps[0], spec, {"actor": "/agent", "index": "x"}))
+    broken = {k: v for k, v in spec.items() if k != "action_shape"}
+    with pytest.raises(payload.PayloadError, match="damaged metadata"):
+        learner.ingest(payload.pack_episode(eps[0], broken, {"actor": "/agent", "index": 0}))
+    assert learner.agent is None and not list(learner.inbox.iterdir())  # nothing stored, nothing built
+
+
+def test_a_learner_starts_from_a_checkpoint(tmp_path, episodes):
+    """learner_node checkpoint:= : the actor's starting weights are the learner's too, not overwritten at v1."""
+    spec, eps = episodes
+    first = make(tmp_path / "a")
+    first.ingest(packed(spec, eps, 0))
+    for _ in range(first.owed()):
+        first.update()
+    ckpt = first.save()
+    cfg = LearnerConfig(agent="serl", out=str(tmp_path / "b"), frames=1000, seed_steps=0, init_checkpoint=str(ckpt))
+    second = Learner(cfg, log=lambda *_: None)
+    second.ingest(packed(spec, eps, 0))
+    a, b = first.agent.state_dict(), second.agent.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("actor", "critic")))
+    with pytest.raises(ValueError, match="holds a 'serl' agent; this learner trains 'drqv2'"):
+        LearnerConfig(agent="drqv2", out=str(tmp_path / "c"), init_checkpoint=str(ckpt)).check()

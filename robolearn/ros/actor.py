@@ -1,10 +1,10 @@
 """agent_node's train mode: record episodes, send them to the learner, take its weights, never wait for it.
 
 `EpisodeRecorder` turns the node's ticks into episodes (obs T+1, action/reward/flags T); `LearnerLink`
-owns the three topics (robolearn.ros.common: EPISODES, WEIGHTS, ACKS): a sender thread publishes each
-finished episode and republishes what the learner has not acknowledged every `resend_s`, so episodes
-recorded while the learner is down arrive once it is back; weights are decoded in the subscription and
-handed over under the node's agent lock. docs/actor_learner.md has the picture.
+owns the three topics (robolearn.ros.common: EPISODES, WEIGHTS, ACKS): a sender thread packs and
+publishes each finished episode and republishes what the learner has not acknowledged every `resend_s`
+(while a learner listens), so episodes recorded while the learner is down arrive once it is back; weights
+are decoded in the subscription and handed to the node. docs/actor_learner.md has the picture.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class EpisodeRecorder:
             return None
         truncated = self.truncated[:n]
         truncated[-1] = truncated[-1] or not self.terminated[n - 1]
-        return {"obs": {k: np.stack([o[k] for o in self.obs]) for k in self.obs[0]},
+        return {"obs": {k: np.stack([o[k] for o in self.obs[:n + 1]]) for k in self.obs[0]},
                 "action": np.stack(self.action[:n]), "reward": np.asarray(self.reward[:n], np.float32),
                 "terminated": np.asarray(self.terminated[:n]), "truncated": np.asarray(truncated),
                 "intervention": np.asarray(self.intervention[:n])}
@@ -61,15 +61,18 @@ class LearnerLink:
     """The actor's side of the topics; `on_weights(state, meta)` is called for each valid weights message."""
 
     def __init__(self, node, actor: str, spec: dict, on_weights, episodes_topic: str, weights_topic: str,
-                 acks_topic: str, resend_s: float, max_unacked: int, group=None):
+                 acks_topic: str, resend_s: float, max_unacked_mb: float, group=None):
         self.node, self.actor, self.spec, self.on_weights = node, actor, spec, on_weights
-        self.resend_s, self.max_unacked = resend_s, max_unacked
+        self.run = time.time_ns()  # this process's episodes: a restarted actor's index 0 is a new episode
+        self.resend_s, self.max_bytes = resend_s, int(max_unacked_mb * 2**20)
         self.pub = node.create_publisher(UInt8MultiArray, episodes_topic, common.PAYLOAD_QOS)
         self.subs = [node.create_subscription(UInt8MultiArray, weights_topic, self._on_weights, common.WEIGHTS_QOS,
                                               callback_group=group),
                      node.create_subscription(String, acks_topic, self._on_acks, common.RELIABLE_QOS,
                                               callback_group=group)]
         self.unacked: OrderedDict[int, list] = OrderedDict()  # index -> [bytes, last sent (monotonic)]
+        self._packing: list[tuple[int, dict, dict]] = []  # finished episodes the sender has not packed yet
+        self.unacked_bytes = 0
         self.sent = self.acked = self.dropped = self.rejected_weights = 0
         self.version = 0
         self._lock, self._wake, self._stop = threading.Lock(), threading.Event(), threading.Event()
@@ -77,35 +80,51 @@ class LearnerLink:
         self._thread.start()
 
     def send(self, index: int, episode: dict, meta: dict) -> None:
-        """Queue a finished episode; returns at once (the sender thread publishes)."""
-        data = payload.pack_episode(episode, self.spec, {"actor": self.actor, "index": int(index), **meta})
+        """Queue a finished episode; returns at once (the sender thread packs and publishes it)."""
         with self._lock:
-            self.unacked[int(index)] = [data, -np.inf]
-            while len(self.unacked) > self.max_unacked:  # bounded memory: the oldest goes, loudly
-                old, _ = self.unacked.popitem(last=False)
-                self.dropped += 1
-                self.node.get_logger().error(f"dropped episode {old}: {self.max_unacked} episodes unacknowledged "
-                                             "(is the learner running?)", throttle_duration_sec=5.0)
+            self._packing.append((int(index), episode, meta))
         self._wake.set()
+
+    def _pack(self) -> None:
+        with self._lock:
+            todo, self._packing = self._packing, []
+        for index, episode, meta in todo:
+            data = payload.pack_episode(episode, self.spec, {"actor": self.actor, "run": self.run, "index": index,
+                                                             **meta})
+            with self._lock:
+                self.unacked[index] = [data, -np.inf]
+                self.unacked_bytes += len(data)
+                while self.unacked_bytes > self.max_bytes and len(self.unacked) > 1:  # bounded memory, loudly
+                    old, (dropped, _) = self.unacked.popitem(last=False)
+                    self.unacked_bytes -= len(dropped)
+                    self.dropped += 1
+                    self.node.get_logger().error(
+                        f"dropped episode {old}: more than {self.max_bytes / 2**20:.0f} MB unacknowledged "
+                        "(is the learner running?)", throttle_duration_sec=5.0)
+
+    def _publish_due(self, every: float, cap: int = 50) -> None:
+        """Publish the new episodes and those unacknowledged for `every` s (at most `cap`), while a learner listens."""
+        if self.pub.get_subscription_count() == 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            due = [(i, item) for i, item in self.unacked.items() if now - item[1] >= every][:cap]
+        for i, item in due:
+            self.pub.publish(common.payload_msg(item[0]))
+            item[1] = time.monotonic()
+            self.sent += 1
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            now = time.monotonic()
-            with self._lock:
-                due = [(i, item) for i, item in self.unacked.items() if now - item[1] >= self.resend_s]
-            for i, item in due:
-                if self._stop.is_set():
-                    return
-                self.pub.publish(common.payload_msg(item[0]))
-                item[1] = time.monotonic()
-                self.sent += 1
+            self._pack()
+            self._publish_due(self.resend_s)
             self._wake.wait(min(1.0, self.resend_s))
             self._wake.clear()
 
     def _on_acks(self, msg: String) -> None:
         try:
             ack = json.loads(msg.data)
-            if ack.get("actor") != self.actor:
+            if ack.get("actor") != self.actor or ack.get("run", self.run) != self.run:
                 return
             indices = [int(i) for i in ack["episodes"]]
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -114,7 +133,10 @@ class LearnerLink:
             return
         with self._lock:
             for i in indices:
-                self.acked += self.unacked.pop(i, None) is not None
+                item = self.unacked.pop(i, None)
+                if item is not None:
+                    self.acked += 1
+                    self.unacked_bytes -= len(item[0])
 
     def _on_weights(self, msg: UInt8MultiArray) -> None:
         spec = {k: v for k, v in self.spec.items() if k != "agent"}
@@ -132,13 +154,23 @@ class LearnerLink:
         self.version = int(meta.get("version", 0))
 
     def pending(self) -> int:
+        """Episodes not yet acknowledged (packed or not)."""
         with self._lock:
-            return len(self.unacked)
+            return len(self.unacked) + len(self._packing)
 
-    def close(self) -> None:
+    def close(self, flush_s: float = 3.0) -> None:
+        """Stop the sender; first give the learner `flush_s` s to acknowledge what is pending, and say what is lost."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=2.0)
+        self._pack()
+        deadline = time.monotonic() + flush_s
+        self._publish_due(0.0, cap=len(self.unacked))
+        while self.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.pending():
+            self.node.get_logger().warning(f"{self.pending()} episodes were never acknowledged by a learner; they are "
+                                           "lost with this actor")
         for sub in self.subs:
             self.node.destroy_subscription(sub)
         self.node.destroy_publisher(self.pub)

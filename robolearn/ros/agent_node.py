@@ -20,7 +20,6 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
-from rclpy.duration import Duration
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
@@ -43,7 +42,8 @@ PARAMS = {  # name: (default, description); docs/ros.md lists them
     "actor_id": ("", "mode train: this actor's name in episodes and acks (empty: the node's full name)"),
     "eval_every": (5, "mode train: every N-th episode acts deterministically and is marked eval (0: none)"),
     "resend_s": (5.0, "mode train: republish episodes the learner has not acknowledged after N s"),
-    "max_unacked": (2000, "mode train: episodes kept for the learner; beyond, the oldest is dropped with an error"),
+    "max_unacked_mb": (1024.0, "mode train: MB of episodes kept for the learner; beyond, the oldest is dropped with "
+                               "an error"),
     "teleop_device": ("", "mode train: intervention device (keyboard, gamepad, spacemouse, ros); empty: none"),
     "reward_source": ("task", "mode train: task (task/reward, task/success), classifier (a reward classifier run here), "
                               "operator (a key or ~/success marks success) or rlif (-1 where a human takes over)"),
@@ -146,7 +146,8 @@ class AgentNode(LifecycleNode):
         self.env = self.agent = self._control_timers = self.link = self._rec = self.device = self.reward = None
         self._agent_lock = threading.Lock()  # act() against weights arriving from the learner
         self.segments = self.total_steps = self.interventions = 0
-        self.seed_steps, self._eval = 0, False
+        self.seed_steps, self._eval, self._cut = 0, False, False
+        self._learner_steps, self._steps_at_weights, self._config = 0, 0, None
         self._parts, self._need_reset, self._return = [], True, 0.0
         self.finished = threading.Event()  # set when `episodes` are done or a signal arrives
         self.exit_code, self.summary, self.lifecycle, self.error = 0, "", "unconfigured", ""
@@ -224,7 +225,7 @@ class AgentNode(LifecycleNode):
         if config and config.get("agent") != p["agent"]:
             raise ValueError(f"checkpoint {p['checkpoint']} holds a {config.get('agent')!r} agent; parameter agent is "
                              f"{p['agent']!r}")
-        for name in ("resend_s", "max_unacked"):
+        for name in ("resend_s", "max_unacked_mb"):
             if not p[name] > 0:
                 raise ValueError(f"parameter {name}: {p[name]} must be positive")
         if p["eval_every"] < 0:
@@ -235,7 +236,7 @@ class AgentNode(LifecycleNode):
             self._parts.append(self.device)
         self.link = LearnerLink(self, p["actor_id"] or self.get_fully_qualified_name(), env_spec(env, p["agent"]),
                                 lambda *a: self._on_weights(env, *a), p["episodes_topic"], p["weights_topic"],
-                                p["acks_topic"], p["resend_s"], p["max_unacked"], self._io)
+                                p["acks_topic"], p["resend_s"], p["max_unacked_mb"], self._io)
         self._parts.append(self.link)
         self._rng = np.random.default_rng(p["seed"])
         from robolearn.ros.rewards import make_reward
@@ -243,14 +244,19 @@ class AgentNode(LifecycleNode):
         self._parts.append(self.reward)
 
     def _on_weights(self, env, state: dict, spec: dict, meta: dict) -> None:
-        """The learner's weights (subscription thread): the first build the agent from their config."""
+        """The learner's weights (subscription thread). The first, or a config unlike the agent's (a learner that
+        did not start from this node's checkpoint), build an agent from their config, swapped in between ticks;
+        later ones are copied into the agent while the control thread waits (a few ms for an MLP)."""
         from robolearn.train import build_agent
-        agent = self.agent
-        if agent is None:
+        agent, fresh = self.agent, self.agent is None or meta["config"] != self._config
+        if fresh:
             agent, _ = build_agent(spec["agent"], env, {}, 0, meta["config"])
+            agent.load_state_dict({**agent.state_dict(), **state})
         with self._agent_lock:
-            agent.load_state_dict({**agent.state_dict(), **state})  # its own optimizer and random streams stay
-            self.agent, self.seed_steps = agent, int(meta.get("seed_steps", 0))
+            if not fresh:
+                agent.load_state_dict({**agent.state_dict(), **state})  # its own optimizer and random streams stay
+            self.agent, self._config, self.seed_steps = agent, meta["config"], int(meta.get("seed_steps", 0))
+            self._learner_steps, self._steps_at_weights = int(meta.get("env_steps", 0)), self.total_steps
         self.get_logger().info(f"weights v{meta.get('version')} after {meta.get('updates')} updates",
                                throttle_duration_sec=10.0)
 
@@ -309,8 +315,8 @@ class AgentNode(LifecycleNode):
         self._control_timers = None
         if release and self._ticking.acquire(timeout=self.p["reset_timeout"] + 1.0):
             self._ticking.release()  # no tick runs now, nor will one start: the timers are gone
-        if release and self.env is not None:  # give the hold time to reach the robot before its publisher goes
-            self.env.arm.pose_pub.wait_for_all_acked(Duration(seconds=0.5))
+        if release and self.env is not None and hasattr(self.env.arm, "flush"):  # the hold reaches the robot
+            self.env.arm.flush(0.5)  # before its publishers go
         if release:
             self._release()
         self.lifecycle = lifecycle or self.lifecycle
@@ -360,7 +366,7 @@ class AgentNode(LifecycleNode):
             self.reward.reset()  # a success key pressed during the reset does not count for this episode
         self._need_reset, self.steps, self._return = False, 0, 0.0
         if self.link is not None:
-            self._flush()  # the next observation opens the episode's recording
+            self._flush(final=True)  # what is left of the last episode; the next observation opens this one's
             n = self.p["eval_every"]
             self._eval = bool(n) and self.episodes % n == n - 1
         self.get_logger().info(f"episode {self.episodes}: reset with seed {seed}")
@@ -376,7 +382,7 @@ class AgentNode(LifecycleNode):
         except StaleStateError as err:
             with self._lock:
                 return self._stale(err)
-        stamp, receipt = env.state.stamp, env.arm.joint_receipt  # of the joint_states this observation used
+        stamp, receipt = env.state.stamp, getattr(env.arm, "joint_receipt", start)  # of the joint_states it used
         if self.steps:  # the score now measures the previous action, as env.step's does
             reward, success = self.reward.score(obs, env.arm) if self.reward is not None else env.task.score(env.arm)
             reward = float(success) if env.cfg.reward_type == "sparse" else float(reward)
@@ -423,25 +429,33 @@ class AgentNode(LifecycleNode):
             if inp.active:
                 self.interventions += 1
                 closed = obs["state"][6] < 0.5 * self.p["gripper_max_opening"]  # state: pos, vel, opening, ...
-                return inp.action(1.0 if closed else -1.0, self.env.action_dim), True
+                action = inp.action(1.0 if closed else -1.0)  # motion (3) and gripper
+                if self.env.cfg.action_mode == "6dof":  # the operator moves; the tool keeps its orientation
+                    action = np.concatenate([action[:3], np.zeros(3, np.float32), action[3:]])
+                return action[:self.env.action_dim], True
         train = self.link is not None
-        if train and (self.agent is None or self.total_steps < self.seed_steps):
+        seen = self._learner_steps + self.total_steps - self._steps_at_weights  # env steps the run has had
+        if train and (self.agent is None or seen < self.seed_steps):
             return self._rng.uniform(-1, 1, self.env.action_dim).astype(np.float32), False
         import torch
         with self._agent_lock, torch.inference_mode():
             return self.agent.act(obs, explore=train and not self._eval), False
 
     def _record(self, obs, reward=None, terminated=False, truncated=False, success=False) -> None:
-        """Add an observation to the recording, opening one (a new segment after a hold) where none is."""
+        """Add an observation to the recording, opening one where none is. After a hold the recording so far
+        goes as a segment of its own (truncated) and a new one starts here: the held step never happened."""
+        if self._cut:
+            self._cut = False
+            self._flush(final=False)
         if self._rec is None:
             from robolearn.ros.actor import EpisodeRecorder
             self._rec = EpisodeRecorder()
             reward = None
         self._rec.observe(obs, reward, terminated, truncated)
         if terminated or truncated:
-            self._flush(success)
+            self._flush(success, final=True)
 
-    def _flush(self, success: bool = False) -> None:
+    def _flush(self, success: bool = False, final: bool = True) -> None:
         """Send the recording's complete transitions (ended truncated unless terminated) and close it."""
         rec, self._rec = self._rec, None
         episode = rec.finish() if rec is not None else None
@@ -450,8 +464,9 @@ class AgentNode(LifecycleNode):
         if self.p["reward_source"] == "rlif":  # the human taking over is the (only) penalty
             took_over = np.append(episode["intervention"][1:], False) & ~episode["intervention"]
             episode["reward"] = -took_over.astype(np.float32)
-        self.link.send(self.segments, episode, {"success": bool(success), "eval": self._eval,
-                                                "return": float(episode["reward"].sum()), "version": self.link.version,
+        self.link.send(self.segments, episode, {"success": bool(success), "eval": self._eval, "final": final,
+                                                "episode": self.episodes, "return": float(self._return),
+                                                "version": self.link.version,
                                                 "interventions": int(episode["intervention"].sum())})
         self.segments += 1
 
@@ -464,7 +479,7 @@ class AgentNode(LifecycleNode):
         self._diagnostics()
         n = self.p["episodes"]
         if n and self.episodes >= n:
-            self.summary = f"deploy: {n} episodes, success {self.successes}/{n} ({100.0 * self.successes / n:.0f}%)"
+            self.summary = f"{self.p['mode']}: {n} episodes, success {self.successes}/{n} ({100.0 * self.successes / n:.0f}%)"
             self._stop("episodes done")
             self.finished.set()
         else:
@@ -487,8 +502,8 @@ class AgentNode(LifecycleNode):
         if self._held == key:
             return
         self._held, self._held_msg = key, msg
-        if self._rec is not None:  # what was recorded before the hold goes as a segment of its own
-            self._flush(success=False)
+        if self._rec is not None:  # the control thread ends the recorded segment at its next observation
+            self._cut = True
         pose = self.env.arm.hold() if self.env is not None else None
         text = f"holding ({msg})" + ("" if pose is not None else ": no pose received to hold")
         if error:  # rclpy's logger wants one severity per call site

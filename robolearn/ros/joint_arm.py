@@ -23,7 +23,7 @@ from robolearn.controllers.safety import (SafetyConfig, clamp_joint_target, clam
                                           require_finite)
 from robolearn.robot.interfaces import ArmState, StaleStateError, ToolTarget
 from robolearn.ros import common
-from robolearn.ros.ros_backend import _Topics, wait_until
+from robolearn.ros.ros_backend import RosArmBase, wait_until
 
 MIN_SCALING = 1e-3  # speed scaling at or below this counts as stopped (UR: program paused, slider at 0)
 VELOCITY_GAIN = 2.0  # 1/s: velocity streaming also pulls the measured joints toward the interpolated reference
@@ -39,17 +39,17 @@ def duration(seconds: float) -> Duration:
     return Duration(sec=sec, nanosec=int(round((seconds - sec) * 1e9)))
 
 
-class RosJointArm(_Topics):
+class RosJointArm(RosArmBase):
     """ArmBackend and JointMover over joint_states and a joint-level controller, as the profile describes."""
 
     def __init__(self, node, profile, control_hz: float | None = None, safety: SafetyConfig | None = None,
                  max_age: float | None = None, callback_group=None):
         control_hz = control_hz or profile.control_hz
-        super().__init__(node, max_age if max_age else 2.0 / control_hz, callback_group)
+        super().__init__(node, control_hz, max_age if max_age else 2.0 / control_hz, callback_group)
         if profile.backend != "ros_joint" or profile.kinematics is None:
             raise ValueError(f"{profile.path}: RosJointArm needs backend ros_joint with kinematics, "
                              f"got backend {profile.backend}")
-        self.profile, self.control_hz = profile, control_hz
+        self.profile = profile
         self.safety = safety or profile.safety()
         self.chain = profile.kinematics.chain()
         self.joint_names = profile.joints
@@ -73,10 +73,10 @@ class RosJointArm(_Topics):
                                                  else Float64MultiArray, out.name, profile_qos(out.qos))
         self.gripper_pub = (node.create_publisher(Float64MultiArray, t["gripper"].name, profile_qos(t["gripper"].qos))
                             if "gripper" in t else None)
+        self.command_publishers = (self.command_pub, self.gripper_pub)
         name = profile.services.get("resend_robot_program")
         self.resend_client = node.create_client(Trigger, name, callback_group=callback_group) if name else None
         self.joint_receipt = float("nan")
-        self._next_wait = time.monotonic()
         self._lock = threading.Lock()
         self._segment = None  # (q0, q1, t0, T): the streamed reference moves from q0 to q1 over T s from t0
         self._stop = threading.Event()
@@ -221,10 +221,6 @@ class RosJointArm(_Topics):
         if not future.result().success:
             raise RuntimeError(f"{name} failed: {future.result().message}")
         return future.result().message
-
-    def wait(self) -> None:
-        self._next_wait = max(self._next_wait + 1.0 / self.control_hz, time.monotonic())
-        time.sleep(max(0.0, self._next_wait - time.monotonic()))
 
     def close(self) -> None:
         if self._stop.is_set():  # closed already

@@ -28,9 +28,10 @@ from robolearn.ros import common
 ARRAY = Parameter.Type.STRING_ARRAY  # declared without a default: an unset one reads as []
 PARAMS = {  # name: (default, description); docs/actor_learner.md lists them
     "agent": ("serl", "agent to train (robolearn train --agent); an online agent"),
-    "out": ("runs/learner", "run folder: checkpoints/, inbox/ (episodes not yet in a checkpoint), history.json, tb/; "
+    "out": ("runs/learner", "run folder: checkpoints/, inbox/ (episodes not yet in a checkpoint), history.json; "
                             "a folder with a checkpoint is resumed"),
     "demos": ("", "episode dataset mixed 50/50 into every batch, as robolearn train --demos (empty: none)"),
+    "checkpoint": ("", "start from this checkpoint's weights and agent config (a fresh out only; empty: new networks)"),
     "seed": (0, "seed of the agent's networks and the replay sampling"),
     "frames": (20_000, "env steps to learn from, then save and exit 0 (also sizes the agent's schedules)"),
     "set": (ARRAY, "agent options KEY=VALUE, as robolearn train --set"),
@@ -71,7 +72,10 @@ class LearnerNode(Node):
         from robolearn.learner import Learner, LearnerConfig
 
         p = self.p
-        cfg = LearnerConfig(agent=p["agent"], out=p["out"], demos=p["demos"] or None, seed=p["seed"], frames=p["frames"],
+        if p["torch_threads"] < 1:
+            raise ValueError(f"parameter torch_threads: {p['torch_threads']} must be 1 or more")
+        cfg = LearnerConfig(agent=p["agent"], out=p["out"], demos=p["demos"] or None,
+                            init_checkpoint=p["checkpoint"] or None, seed=p["seed"], frames=p["frames"],
                             agent_overrides=_parse_overrides(p["set"]), update_ratio=float(p["update_ratio"]),
                             publish_every_updates=p["publish_every_updates"], publish_every_s=float(p["publish_every_s"]),
                             checkpoint_every_s=float(p["checkpoint_every_s"]))
@@ -82,7 +86,7 @@ class LearnerNode(Node):
     def _drain(self, learner) -> None:
         from robolearn.payload import PayloadError
 
-        acks: dict[str, list[int]] = {}
+        acks: dict[tuple, list[int]] = {}
         while True:
             try:
                 data = self.inbox.get_nowait()
@@ -94,11 +98,11 @@ class LearnerNode(Node):
                 self.rejected += 1
                 self.get_logger().error(f"refused {err}", throttle_duration_sec=1.0)
                 continue
-            acks.setdefault(str(meta["actor"]), []).append(int(meta["index"]))  # a duplicate is acknowledged again
+            acks.setdefault((str(meta["actor"]), meta.get("run", 0)), []).append(int(meta["index"]))  # duplicates too
             if new and len(learner.ingested) % 10 == 0:
                 self._report(learner)
-        for actor, indices in acks.items():
-            self.acks_pub.publish(String(data=json.dumps({"actor": actor, "episodes": indices})))
+        for (actor, run), indices in acks.items():
+            self.acks_pub.publish(String(data=json.dumps({"actor": actor, "run": run, "episodes": indices})))
 
     def _report(self, learner) -> None:
         s = learner.summary()
@@ -110,8 +114,8 @@ class LearnerNode(Node):
     def run(self) -> int:
         """Train until `frames` env steps, the target success, or a stop; save and return the exit code."""
         import torch
-        torch.set_num_threads(max(1, int(self.p["torch_threads"])))
         learner = self.make_learner()
+        torch.set_num_threads(int(self.p["torch_threads"]))
         p, published_at, published_updates, saved_at = self.p, time.monotonic(), -1, time.monotonic()
         while not self.stop.is_set():
             self._drain(learner)

@@ -148,7 +148,12 @@ def make_resetter(node, p: dict, arm, task, cfg, group) -> tuple:
         from robolearn.ros.operator_reset import TriggerConfirm
         confirm = TriggerConfirm(node, typed.service, group)
         more.append(confirm)
-    return make_reset(typed, arm, where=where, safety=cfg.safety, confirm=confirm), more
+    try:
+        return make_reset(typed, arm, where=where, safety=cfg.safety, confirm=confirm), more
+    except Exception:
+        for part in more:
+            part.close()
+        raise
 
 
 def camera_shapes(p: dict, spec: dict, what: str) -> dict[str, list[int]]:

@@ -92,7 +92,29 @@ class _Topics:
         self._subs.clear()
 
 
-class RosArm(_Topics):
+class RosArmBase(_Topics):
+    """What every ROS arm backend shares: the control period's sleep, and waiting for its commands to arrive."""
+
+    command_publishers: tuple = ()  # set by the subclass: its command (and gripper) publishers
+
+    def __init__(self, node, control_hz: float, max_age: float, group):
+        super().__init__(node, max_age, group)
+        self.control_hz = control_hz
+        self._next_wait = time.monotonic()
+
+    def wait(self) -> None:
+        self._next_wait = max(self._next_wait + 1.0 / self.control_hz, time.monotonic())
+        time.sleep(max(0.0, self._next_wait - time.monotonic()))
+
+    def flush(self, timeout: float = 0.5) -> None:
+        """Wait up to `timeout` s for subscribers to acknowledge every command sent (a hold before shutdown)."""
+        from rclpy.duration import Duration
+        for pub in self.command_publishers:
+            if pub is not None:
+                pub.wait_for_all_acked(Duration(seconds=timeout))
+
+
+class RosArm(RosArmBase):
     """ArmBackend over joint_states, current_pose and current_twist; commands the impedance equilibrium pose."""
 
     def __init__(self, node, control_hz: float, safety: SafetyConfig | None = None, max_age: float | None = None,
@@ -102,8 +124,8 @@ class RosArm(_Topics):
                  equilibrium_pose: str = common.EQUILIBRIUM_POSE, gripper: str = common.GRIPPER_COMMANDS,
                  callback_group=None, qos: dict | None = None):
         """qos: {"joint_states"|"current_pose"|"current_twist": QoSProfile} overrides (an arm profile's)."""
-        super().__init__(node, max_age if max_age else 2.0 / control_hz, callback_group)
-        self.control_hz, self.safety = control_hz, safety or SafetyConfig()
+        super().__init__(node, control_hz, max_age if max_age else 2.0 / control_hz, callback_group)
+        self.safety = safety or SafetyConfig()
         self.joint_names, self.finger_names = tuple(joint_names), tuple(finger_names)
         self.frame, self.max_opening = frame, max_opening
         self.topics = (joint_states, pose, twist)
@@ -114,8 +136,8 @@ class RosArm(_Topics):
         self._sub(TwistStamped, twist, qos["current_twist"], self._parse_twist)
         self.pose_pub = node.create_publisher(PoseStamped, equilibrium_pose, common.RELIABLE_QOS)
         self.gripper_pub = node.create_publisher(Float64MultiArray, gripper, common.RELIABLE_QOS)
+        self.command_publishers = (self.pose_pub, self.gripper_pub)
         self.joint_receipt = float("nan")  # receipt time (monotonic) of the joint_states the last read() used
-        self._next_wait = time.monotonic()
 
     def _parse_joints(self, msg: JointState):
         pos, vel = common.select_joints(msg, self.joint_names + self.finger_names, self.topics[0])
@@ -165,10 +187,6 @@ class RosArm(_Topics):
     def _publish(self, pos, quat) -> None:
         now = self.node.get_clock().now().nanoseconds * 1e-9
         self.pose_pub.publish(common.pose_msg(pos, quat, now, self.frame))
-
-    def wait(self) -> None:
-        self._next_wait = max(self._next_wait + 1.0 / self.control_hz, time.monotonic())
-        time.sleep(max(0.0, self._next_wait - time.monotonic()))
 
     def close(self) -> None:
         super().close()
