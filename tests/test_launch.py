@@ -309,3 +309,24 @@ def test_ament_install_layout_is_found_through_ament_prefix_path(tmp_path, prefi
     write(prefix / "share/testpkg/launch/demo.launch.xml", '<launch><node pkg="testpkg" exec="talker"/></launch>')
     proc = launch_cli("testpkg", "demo.launch.xml", "--print", env=env)
     assert proc.returncode == 0 and proc.stdout == f"[talker] {prefix / 'lib/testpkg/talker'} --ros-args\n"
+
+
+@pytest.mark.parametrize("launch_file", sorted(p.name for p in (SOURCE_ROOT / "launch").glob("*.launch.xml")))
+def test_shipped_launch_files_set_only_parameters_their_nodes_declare(launch_file):
+    """Every -p NAME and every key of a params file a shipped launch file passes is a parameter of that node
+    (a typo would otherwise be ignored or warned about at run time, far from the file)."""
+    import importlib
+
+    import yaml
+
+    from robolearn.launch_xml import load
+
+    for spec in load(SOURCE_ROOT / "launch" / launch_file, {"checkpoint": "ckpt", "out": "out"}):
+        module = spec.cmd[spec.cmd.index("-m") + 1]
+        declared = set(importlib.import_module(module).PARAMS) | {"use_sim_time"}
+        given = [spec.cmd[i + 1].split(":=")[0] for i, a in enumerate(spec.cmd) if a == "-p"]
+        for i, a in enumerate(spec.cmd):
+            if a == "--params-file":
+                given += list(yaml.safe_load(open(spec.cmd[i + 1]))["/**"]["ros__parameters"])
+        unknown = sorted(set(given) - declared)
+        assert not unknown, f"{launch_file} ({spec.where}): {module} has no parameter(s) {unknown}"

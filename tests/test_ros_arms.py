@@ -518,3 +518,38 @@ def test_robot_env_with_a_silent_profile_fails_naming_the_topic(world, tmp_path)
     p["profile"] = str(path)
     with pytest.raises(TimeoutError, match=rf"{path}: topics.joint_states: no message on {world.namespace}/joint_states"):
         robot_params.make_robot_env(world.node("agent"), p, {}, None, "robolearn/PandaPickCube-v0")
+
+
+def test_robot_env_on_a_ur_rtde_profile_resets_and_acts_through_rtde(world, tmp_path, monkeypatch):
+    """profile ur5e_rtde through agent_node's robot env: no driver topics, a scripted reset, servoL toward targets
+    (the controller is a fake RTDE interface that tracks perfectly: hardware that cannot exist here)."""
+    from test_ur_rtde import FakeRtde
+
+    from robolearn.hardware import ur_rtde_arm
+    from robolearn.ros import robot_params
+    profile = load_profile("ur5e_rtde")
+    fake = FakeRtde(profile)
+    monkeypatch.setattr(ur_rtde_arm, "connect", lambda host, hz: (fake, fake))
+    task = world.node("task")
+    pub = task.create_publisher(Float64MultiArray, common.OBJECT_STATE, common.RELIABLE_QOS)
+    task.create_timer(0.02, lambda: pub.publish(Float64MultiArray(data=[-0.5, -0.1, 0.02])))
+    p = {name: default for name, (default, _) in robot_params.ROBOT_PARAMS.items()}
+    p.update(profile="ur5e_rtde", uses_gripper=False, workspace_low=[-0.75, -0.45, 0.05],
+             workspace_high=[-0.25, 0.15, 0.6])
+    with pytest.raises(ValueError, match="ur5e_rtde.yaml: a ur_rtde arm has no reset service; set the reset"):
+        robot_params.make_robot_env(world.node("agent0"), p, {}, None, "ur")
+    (tmp_path / "reset.yaml").write_text("reset:\n  type: scripted\n  home_pos: [-0.49, -0.13, 0.45]\n"
+                                         "  xyz_range: [0.02, 0.02, 0.0]\n  duration: 0.8\n  settle: 0.1\n")
+    p["reset"] = str(tmp_path / "reset.yaml")
+    env, parts = robot_params.make_robot_env(world.node("agent"), p, {}, None, "ur")
+    try:
+        obs, info = env.reset(seed=0)
+        assert info["reset"] == "scripted" and fake.named("servoL")
+        np.testing.assert_allclose(obs["tcp_pose"][:3], [-0.49, -0.13, 0.45] + np.r_[info["offset"]], atol=2e-3)
+        before = len(fake.named("servoL"))
+        obs, *_ = env.step(np.array([1.0, 0.0, 0.0]))
+        assert len(fake.named("servoL")) > before
+        assert obs["tcp_pose"][0] > -0.49 + info["offset"][0] + 0.005  # moved +x, limited by the reference limit
+    finally:
+        for part in parts:
+            part.close()

@@ -99,8 +99,17 @@ def make_robot_env(node, p: dict, camera_shapes: dict[str, list[int]], group, en
     cfg = env_config(p)
     age = p["max_obs_age"] or 2.0 / cfg.control_hz
     if p.get("profile"):  # every input topic heard, QoS and joint order checked, within the profile's timeout
+        from robolearn.hardware.profiles import load_profile
         from robolearn.ros.arm_profile import open_arm
-        arm = open_arm(node, p["profile"], cfg.control_hz, cfg.safety, age, group)
+        profile = load_profile(p["profile"])
+        if profile.backend == "ur_rtde":  # no driver topics: ur_rtde talks to the controller itself
+            if not p.get("reset"):
+                raise ValueError(f"{profile.path}: a ur_rtde arm has no reset service; set the reset parameter to a "
+                                 "YAML file with a scripted or operator reset (docs/resets.md)")
+            from robolearn.hardware.ur_rtde_arm import UrRtdeArm
+            arm = UrRtdeArm(profile, cfg.control_hz, profile.safety(cfg.safety))
+        else:
+            arm = open_arm(node, profile, cfg.control_hz, cfg.safety, age, group)
     else:
         arm = RosArm(node, cfg.control_hz, cfg.safety, age, p["joint_names"], p["finger_joints"], p["frame_id"],
                      p["gripper_max_opening"], p["joint_states_topic"], p["pose_topic"], p["twist_topic"],
