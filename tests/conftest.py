@@ -36,3 +36,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tmux():
+    """A real terminal (tests/terminal.py); skips, saying so, where tmux is not installed."""
+    import shutil
+
+    from terminal import Tmux
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    t = Tmux()
+    yield t
+    t.kill()

@@ -10,17 +10,16 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from terminal import Tmux
 
 from robolearn.demos.dataset import Dataset
 
 BIN = Path(sys.executable).parent
 ROBOLEARN = [sys.executable, "-m", "robolearn.cli"]
-PASS_ENV = ("MUJOCO_GL", "ROS_DOMAIN_ID", "ROS_LOCALHOST_ONLY", "ROS_AUTOMATIC_DISCOVERY_RANGE")
 SAVED = re.compile(r"saved episode (\d+): (\d+) steps, (success|failure)")
 
 
@@ -31,54 +30,6 @@ def robolearn(*args, check=True, timeout=120):
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
-
-
-class Tmux:
-    """One tmux server on its own socket, one session, driven with send-keys."""
-
-    def __init__(self):
-        self.socket = f"robolearn-test-{uuid.uuid4().hex[:10]}"
-
-    def tmux(self, *args, check=True) -> subprocess.CompletedProcess:
-        return subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", *args], capture_output=True,
-                              text=True, check=check, timeout=20)
-
-    def start(self, command: str) -> None:
-        env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
-        env["OMP_NUM_THREADS"] = "1"
-        flags = [x for k, v in env.items() for x in ("-e", f"{k}={v}")]
-        self.tmux("new-session", "-d", "-s", "rec", "-x", "220", "-y", "60", *flags, command)
-
-    def send(self, *keys: str, pause: float = 0.15) -> None:
-        for key in keys:
-            self.tmux("send-keys", "-t", "rec", key)
-            time.sleep(pause)
-
-    def screen(self) -> str:
-        return self.tmux("capture-pane", "-p", "-J", "-t", "rec", "-S", "-200").stdout
-
-    def wait_for(self, text: str, count: int = 1, timeout: float = 30.0) -> str:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            screen = self.screen()
-            if screen.count(text) >= count:
-                return screen
-            time.sleep(0.05)
-        raise AssertionError(f"{text!r} did not appear; screen:\n{self.screen()}")
-
-    def kill(self) -> None:
-        self.tmux("kill-server", check=False)
-        sockets = Path(os.environ.get("TMUX_TMPDIR", "/tmp")) / f"tmux-{os.getuid()}"
-        (sockets / self.socket).unlink(missing_ok=True)  # tmux leaves the socket file behind
-
-
-@pytest.fixture
-def tmux():
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed")
-    t = Tmux()
-    yield t
-    t.kill()
 
 
 RECORD = f"{BIN / 'robolearn'} record --env robolearn/PandaReach-v0 --teleop keyboard --out {{out}} --episodes 3"

@@ -4,12 +4,10 @@ learned with its scripted fallback, the YAML factory's errors, and demo-state st
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -254,26 +252,6 @@ def test_trigger_service_confirms_an_operator_reset_over_dds(ros_node):
     confirm.close()
 
 
-class Tmux:
-    """One tmux server on its own socket, as tests/test_record.py drives the keyboard."""
-
-    def __init__(self):
-        self.socket = f"robolearn-reset-{uuid.uuid4().hex[:10]}"
-
-    def run(self, *args) -> str:
-        return subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", *args], capture_output=True, text=True,
-                              check=True, timeout=20).stdout
-
-    def wait_for(self, text: str, timeout: float = 30.0) -> str:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            screen = self.run("capture-pane", "-p", "-J", "-t", "k", "-S", "-100")
-            if text in screen:
-                return screen
-            time.sleep(0.05)
-        raise AssertionError(f"{text!r} did not appear; screen:\n{screen}")
-
-
 KEY_SCRIPT = """
 import numpy as np
 from robolearn.hardware.resets import KeyConfirm, OperatorReset
@@ -286,26 +264,16 @@ print("CONFIRMED", info["reset"])
 """
 
 
-def test_a_key_in_a_real_terminal_confirms_and_silence_times_out(tmp_path):
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed")
+def test_a_key_in_a_real_terminal_confirms_and_silence_times_out(tmp_path, tmux):
     script = tmp_path / "key.py"
     script.write_text(KEY_SCRIPT)
-    t = Tmux()
-    env = [x for k in ("ROS_DOMAIN_ID", "MUJOCO_GL") if k in os.environ for x in ("-e", f"{k}={os.environ[k]}")]
-    try:
-        t.run("new-session", "-d", "-s", "k", "-x", "200", "-y", "40", *env,
-              f"{sys.executable} {script}; echo EXIT=$?; sleep 30")
-        screen = t.wait_for("TIMEOUT")
-        assert "no confirmation from key on /dev/pts/" in screen and "within 0.5 s" in screen
-        t.wait_for("PROMPT2")
-        t.run("send-keys", "-t", "k", "Enter")
-        screen = t.wait_for("EXIT=")
-        assert "CONFIRMED operator" in screen and "EXIT=0" in screen, screen
-    finally:
-        subprocess.run(["tmux", "-L", t.socket, "kill-server"], capture_output=True, timeout=20)
-        sockets = Path(os.environ.get("TMUX_TMPDIR", "/tmp")) / f"tmux-{os.getuid()}"
-        (sockets / t.socket).unlink(missing_ok=True)  # tmux leaves the socket file behind
+    tmux.start(f"{sys.executable} {script}; echo EXIT=$?; sleep 30")
+    screen = tmux.wait_for("TIMEOUT")
+    assert "no confirmation from key on /dev/pts/" in screen and "within 0.5 s" in screen
+    tmux.wait_for("PROMPT2")
+    tmux.send("Enter")
+    screen = tmux.wait_for("EXIT=")
+    assert "CONFIRMED operator" in screen and "EXIT=0" in screen, screen
 
 
 def test_key_confirmation_without_a_terminal_is_one_line():

@@ -20,7 +20,6 @@ from robolearn import cli
 from robolearn.agents.serl import ClassifierConfig, RewardClassifier, load_classifier, save_classifier
 from robolearn.demos.dataset import Dataset
 from robolearn.ros.rewards import TaskReward, make_reward
-from test_record import Tmux  # a tmux server on its own socket, driven with send-keys
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -324,15 +323,6 @@ print("AFTER-RESET", steps(0.3), flush=True)
 source.close()
 print("COOKED", bool(termios.tcgetattr(0)[3] & termios.ICANON), flush=True)
 """
-
-
-@pytest.fixture
-def tmux():
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed")
-    t = Tmux()
-    yield t
-    t.kill()
 
 
 def test_the_operator_marks_success_with_a_key_in_a_real_terminal(tmp_path, tmux):

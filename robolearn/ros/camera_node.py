@@ -13,7 +13,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, Image
 
@@ -157,10 +157,7 @@ def main(argv=None) -> int:
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
-        while rclpy.ok():  # a timeout re-checks the context, so SIGTERM ends the loop (see sim_robot_node)
-            executor.spin_once(timeout_sec=0.25)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        common.spin_until_shutdown(executor)
     finally:
         node.close()
         executor.shutdown(timeout_sec=1.0)

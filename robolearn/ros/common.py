@@ -197,3 +197,17 @@ def payload_msg(data: bytes):
 def payload_bytes(msg) -> bytes:
     data = msg.data
     return data.tobytes() if hasattr(data, "tobytes") else bytes(data)
+
+
+def spin_until_shutdown(executor) -> None:
+    """Spin a node's executor until SIGINT/SIGTERM shuts the context down (the node's own main thread).
+
+    Not rclpy.spin: rclpy's signal thread wakes the wait before it shuts the context down, and a spin that
+    blocks again in between ignored a SIGTERM; a timeout re-checks the context."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+    try:
+        while rclpy.ok(context=executor.context):
+            executor.spin_once(timeout_sec=0.25)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass

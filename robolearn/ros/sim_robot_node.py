@@ -21,7 +21,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped, TwistStamped
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rosgraph_msgs.msg import Clock
@@ -373,12 +373,7 @@ def main(argv=None) -> int:
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
-        # Not rclpy.spin: rclpy's signal thread wakes the wait before it shuts the context down, and a
-        # spin that blocks again in between ignored a SIGTERM; a timeout re-checks the context.
-        while rclpy.ok():
-            executor.spin_once(timeout_sec=0.25)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        c.spin_until_shutdown(executor)
     finally:
         node.stop()
         executor.shutdown(timeout_sec=1.0)
