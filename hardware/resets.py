@@ -22,7 +22,7 @@ from robolearn.config_check import check_value
 from robolearn.controllers.rotations import orientation_error, quat_mul, rotvec_to_quat
 from robolearn.robot.interfaces import ToolTarget
 
-RESET_TYPES = ("scripted", "operator", "learned", "demo_state")
+RESET_TYPES = ("scripted", "operator", "learned", "demo_state", "service")
 
 
 # -- configs ---------------------------------------------------------------------------------
@@ -58,9 +58,24 @@ class OperatorResetConfig:
 class LearnedResetConfig:
     """A backward policy undoes the task; the fallback reset runs when it does not succeed in max_steps."""
 
-    checkpoint: str = ""  # the backward agent's checkpoint (the caller loads it and passes the policy)
+    checkpoint: str = ""  # the backward agent's starting weights (optional on a ROS robot, where a learner trains it)
     max_steps: int = 50
     fallback: dict = field(default_factory=lambda: {"type": "scripted"})
+    # On a ROS robot (agent_node mode:=train): the backward agent is trained alongside the forward one, by a second
+    # learner_node in `namespace` (its topics <namespace>/learner/...), on the backward task's reward:
+    agent: str = "serl"
+    namespace: str = "backward"
+    reward: str = "task"  # task: the reset_task/reward and reset_task/success topics (the simulator's); classifier
+    classifier: str = ""  # reward classifier folder (robolearn classifier train) for reward: classifier
+    explore: bool = True  # sample the backward policy (it is learning); false: its mean action
+
+
+@dataclass
+class ServiceResetConfig:
+    """Call a std_srvs/Trigger reset service: a simulator's, or a robot cell's own reset routine (ROS only)."""
+
+    service: str = "reset"
+    timeout: float = 30.0  # s for the service and for fresh state after it
 
 
 @dataclass
@@ -72,6 +87,7 @@ class DemoStateResetConfig:
 
 
 CONFIGS = {"scripted": ScriptedResetConfig, "operator": OperatorResetConfig, "learned": LearnedResetConfig,
+           "service": ServiceResetConfig,
            "demo_state": DemoStateResetConfig}
 
 
@@ -121,6 +137,12 @@ def _check_ranges(cfg, where: str) -> None:
         need(bool(cfg.service), "service", "a service name")
     elif isinstance(cfg, LearnedResetConfig):
         need(cfg.max_steps >= 1, "max_steps", "a positive step count")
+        need(cfg.reward in ("task", "classifier"), "reward", "'task' or 'classifier'")
+        need(cfg.reward != "classifier" or bool(cfg.classifier), "classifier", "a classifier folder for reward classifier")
+        need(bool(cfg.namespace), "namespace", "a ROS namespace for the backward learner's topics")
+    elif isinstance(cfg, ServiceResetConfig):
+        need(bool(cfg.service), "service", "a service name")
+        need(cfg.timeout > 0, "timeout", "positive (s)")
     elif isinstance(cfg, DemoStateResetConfig):
         need(bool(cfg.demos), "demos", "a dataset directory")
         need(0 <= cfg.prob <= 1, "prob", "in [0, 1]")
@@ -367,4 +389,7 @@ def make_reset(spec: Mapping | Any, arm=None, *, where: str = "reset", safety=No
                              "option reset_from_demos=DIR")
         from robolearn.sim.demo_state_reset import use_demo_states  # simulation only: MuJoCo loads here alone
         return use_demo_states(env, cfg.demos, cfg.prob)
+    if isinstance(cfg, ServiceResetConfig):
+        raise ValueError(f"{where}.type service calls a ROS service: agent_node and record_node build it "
+                         "(robolearn.ros.robot_params.make_resetter)")
     raise TypeError(f"{where}: {type(cfg).__name__} is not a reset config")

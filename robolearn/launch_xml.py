@@ -426,7 +426,8 @@ def _do_node(scope: _Scope, element: Element, nodes: list[NodeSpec]) -> None:
                 _fail(scope.where(child), f"parameter file {params_file} not found")
             cmd += ["--params-file", str(params_file)]
         else:
-            cmd += ["-p", f"{c('name')}:={c('value')}"]
+            value = c("value")  # rcl parses a -p value as YAML and refuses an empty one: '' is the empty string
+            cmd += ["-p", f"{c('name')}:={value if value else repr('')}"]
     output, on_exit = a("output", "log"), a("on_exit")
     if output not in ("screen", "log", "both"):
         _fail(where, f"output={output!r} must be screen, log or both")

@@ -266,3 +266,20 @@ def test_actor_on_a_joint_level_profile_runs_episodes_and_exits_cleanly(world, t
     with probe.lock:
         actions = [d[2:] for _, d in probe.steps if d[1] >= 0]
     assert len(actions) >= 18  # 2 episodes of 10 steps (the first tick after a reset only observes)
+
+
+def test_sim_train_with_a_learned_reset_trains_the_backward_agent_alongside(tmp_path):
+    """backward:=true: between forward episodes the backward agent acts (at most max_steps 40), its episodes go to
+    the second learner (namespace backward) on the simulator's backward reward, which checkpoints them."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "robolearn.cli", "launch", "launch/sim_train.launch.xml", f"out:={out}",
+           "frames:=400", "rate:=20.0", "real_time_factor:=2.0", "backward:=true"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**common.isolated_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    forward, backward = state_of(out), state_of(tmp_path / "run_backward")
+    assert len(forward["ingested"]) >= 4 and len(backward["ingested"]) >= 4  # a backward episode before each
+    assert all("/agent/backward/" in k for k in backward["ingested"])
+    rows = json.loads((tmp_path / "run_backward" / "history.json").read_text())["train"]
+    steps = np.diff([0] + [r[0] for r in rows])
+    assert len(rows) >= 4 and steps.max() <= 40, steps  # each backward episode within max_steps

@@ -263,7 +263,7 @@ def test_real_rclpy_node_reads_the_generated_ros_args(tmp_path, prefix, env):
         rclpy.init(args=sys.argv)
         node = Node("unnamed", automatically_declare_parameters_from_overrides=True)
         print(node.get_fully_qualified_name(), node.get_parameter("gain").value, node.get_parameter("rate").value,
-              node.resolve_topic_name("chatter"))
+              node.resolve_topic_name("chatter"), repr(node.get_parameter("empty").value))
         node.destroy_node()
         rclpy.shutdown()
         """)
@@ -273,13 +273,14 @@ def test_real_rclpy_node_reads_the_generated_ros_args(tmp_path, prefix, env):
           <node pkg="testpkg" exec="listener" name="listener" output="screen" on_exit="shutdown">
             <param from="$(find-pkg-share testpkg)/params.yaml"/>
             <param name="rate" value="10"/>
+            <param name="empty" value=""/>
             <remap from="chatter" to="cmd"/>
           </node>
         </launch>
         """)
     proc = launch_cli(path, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "[listener] /robot/listener 2.5 10 /robot/cmd" in proc.stdout.splitlines()
+    assert "[listener] /robot/listener 2.5 10 /robot/cmd ''" in proc.stdout.splitlines()  # '' reaches it as ""
 
 
 def test_ament_install_layout_is_found_through_ament_prefix_path(tmp_path, prefix, env):
@@ -328,5 +329,7 @@ def test_shipped_launch_files_set_only_parameters_their_nodes_declare(launch_fil
         for i, a in enumerate(spec.cmd):
             if a == "--params-file":
                 given += list(yaml.safe_load(open(spec.cmd[i + 1]))["/**"]["ros__parameters"])
+        empty = [spec.cmd[i + 1] for i, a in enumerate(spec.cmd) if a == "-p" and spec.cmd[i + 1].endswith(":=")]
+        assert not empty, f"{launch_file}: rcl refuses an empty -p value: {empty}"
         unknown = sorted(set(given) - declared)
         assert not unknown, f"{launch_file} ({spec.where}): {module} has no parameter(s) {unknown}"

@@ -171,3 +171,22 @@ def test_dmc_tasks_are_registered():
     obs, _ = env.reset(seed=0)
     assert obs["images/pixels"].shape == (84, 84, 9)
     env.close()
+
+
+def test_pick_cube_backward_task_scores_putting_the_cube_down_and_letting_go():
+    """reset_score: the learned reset's goal is the start of a forward episode, not the forward success."""
+    import mujoco
+
+    env = rsim.make("robolearn/PandaPickCube-v0")
+    env.reset(seed=0)
+    arm, task = env.unwrapped.arm, env.unwrapped.task
+    reward, success = task.reset_score(arm)
+    clearance = arm.tool_pos()[2] - task.cube_pos(arm)[2] - task.cfg.cube_half_size
+    assert success == (clearance >= 0.08) and 0.5 <= reward <= 1.0  # resting in the region: only clearance left
+    adr = arm.model.jnt_qposadr[arm.model.joint("cube").id]
+    arm.data.qpos[adr + 2] = 0.15  # lifted, as after a forward success
+    mujoco.mj_forward(arm.model, arm.data)
+    lifted_reward, lifted_success = task.reset_score(arm)
+    assert not lifted_success and lifted_reward < reward
+    assert rsim.make("robolearn/PandaReach-v0").unwrapped.task.reset_score(arm) is None
+    env.close()

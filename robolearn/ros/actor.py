@@ -174,3 +174,42 @@ class LearnerLink:
         for sub in self.subs:
             self.node.destroy_subscription(sub)
         self.node.destroy_publisher(self.pub)
+
+
+class RemotePolicy:
+    """The agent a learner trains, as an actor holds it: built from the learner's weights (or a checkpoint's
+    agent), uniform random actions before them and until the run has had the learner's `seed_steps`."""
+
+    def __init__(self, env, seed: int, agent=None, config: dict | None = None):
+        self.env, self.agent, self.config = env, agent, config
+        self.lock = threading.Lock()  # act() against weights arriving in the subscription thread
+        self.rng = np.random.default_rng(seed)
+        self.seed_steps = self.learner_steps = self.steps = self.steps_at_weights = 0
+
+    def on_weights(self, state: dict, spec: dict, meta: dict) -> None:
+        """The first weights, or weights with a config unlike the agent's, build a new agent outside the lock and
+        swap it in; later ones are copied into the agent while act() waits (a few ms for an MLP)."""
+        from robolearn.train import build_agent
+        agent, fresh = self.agent, self.agent is None or meta["config"] != self.config
+        if fresh:
+            agent, _ = build_agent(spec["agent"], self.env, {}, 0, meta["config"])
+            agent.load_state_dict({**agent.state_dict(), **state})
+        with self.lock:
+            if not fresh:
+                agent.load_state_dict({**agent.state_dict(), **state})  # its own optimizer and random streams stay
+            self.agent, self.config, self.seed_steps = agent, meta["config"], int(meta.get("seed_steps", 0))
+            self.learner_steps, self.steps_at_weights = int(meta.get("env_steps", 0)), self.steps
+
+    def reset(self) -> None:
+        with self.lock:
+            if self.agent is not None:
+                self.agent.reset()  # an agent with a history or action chunks starts afresh
+
+    def act(self, obs: dict, explore: bool) -> np.ndarray:
+        import torch
+        self.steps += 1
+        with self.lock:
+            if self.agent is None or self.learner_steps + self.steps - self.steps_at_weights <= self.seed_steps:
+                return self.rng.uniform(-1, 1, self.env.action_space.shape).astype(np.float32)
+            with torch.inference_mode():
+                return self.agent.act(obs, explore=explore)

@@ -144,10 +144,9 @@ class AgentNode(LifecycleNode):
         robot_params.declare(self, PARAMS)
         self._read_parameters()
         self.env = self.agent = self._control_timers = self.link = self._rec = self.device = self.reward = None
-        self._agent_lock = threading.Lock()  # act() against weights arriving from the learner
+        self.policy = None  # mode train: the learner's agent (robolearn.ros.actor.RemotePolicy)
         self.segments = self.total_steps = self.interventions = 0
-        self.seed_steps, self._eval, self._cut = 0, False, False
-        self._learner_steps, self._steps_at_weights, self._config = 0, 0, None
+        self._eval, self._cut = False, False
         self._parts, self._need_reset, self._return = [], True, 0.0
         self.finished = threading.Event()  # set when `episodes` are done or a signal arrives
         self.exit_code, self.summary, self.lifecycle, self.error = 0, "", "unconfigured", ""
@@ -219,7 +218,7 @@ class AgentNode(LifecycleNode):
 
     def _configure_training(self, env, config: dict) -> None:
         from robolearn.payload import env_spec
-        from robolearn.ros.actor import LearnerLink
+        from robolearn.ros.actor import LearnerLink, RemotePolicy
 
         p = self.p
         if config and config.get("agent") != p["agent"]:
@@ -234,29 +233,17 @@ class AgentNode(LifecycleNode):
             from robolearn.demos.teleop import make_device
             self.device = make_device(p["teleop_device"])
             self._parts.append(self.device)
+        self.policy = RemotePolicy(env, p["seed"], self.agent, self.agent.config_dict() if self.agent else None)
         self.link = LearnerLink(self, p["actor_id"] or self.get_fully_qualified_name(), env_spec(env, p["agent"]),
-                                lambda *a: self._on_weights(env, *a), p["episodes_topic"], p["weights_topic"],
-                                p["acks_topic"], p["resend_s"], p["max_unacked_mb"], self._io)
+                                self._on_weights, p["episodes_topic"], p["weights_topic"], p["acks_topic"],
+                                p["resend_s"], p["max_unacked_mb"], self._io)
         self._parts.append(self.link)
-        self._rng = np.random.default_rng(p["seed"])
         from robolearn.ros.rewards import make_reward
         self.reward = make_reward(self, p, env, self._io)
         self._parts.append(self.reward)
 
-    def _on_weights(self, env, state: dict, spec: dict, meta: dict) -> None:
-        """The learner's weights (subscription thread). The first, or a config unlike the agent's (a learner that
-        did not start from this node's checkpoint), build an agent from their config, swapped in between ticks;
-        later ones are copied into the agent while the control thread waits (a few ms for an MLP)."""
-        from robolearn.train import build_agent
-        agent, fresh = self.agent, self.agent is None or meta["config"] != self._config
-        if fresh:
-            agent, _ = build_agent(spec["agent"], env, {}, 0, meta["config"])
-            agent.load_state_dict({**agent.state_dict(), **state})
-        with self._agent_lock:
-            if not fresh:
-                agent.load_state_dict({**agent.state_dict(), **state})  # its own optimizer and random streams stay
-            self.agent, self._config, self.seed_steps = agent, meta["config"], int(meta.get("seed_steps", 0))
-            self._learner_steps, self._steps_at_weights = int(meta.get("env_steps", 0)), self.total_steps
+    def _on_weights(self, state: dict, spec: dict, meta: dict) -> None:
+        self.policy.on_weights(state, spec, meta)
         self.get_logger().info(f"weights v{meta.get('version')} after {meta.get('updates')} updates",
                                throttle_duration_sec=10.0)
 
@@ -325,8 +312,8 @@ class AgentNode(LifecycleNode):
     def _release(self) -> None:
         for part in self._parts:
             part.close()
-        self._parts, self.env, self.agent, self.link, self.device, self._rec, self.reward = [], None, None, None, None, \
-            None, None
+        self._parts, self.env, self.agent, self.link, self.device, self._rec, self.reward, self.policy = \
+            [], None, None, None, None, None, None, None
 
     # -- control -----------------------------------------------------------------------------
     def _tick(self) -> None:
@@ -360,7 +347,9 @@ class AgentNode(LifecycleNode):
                 self._hold("reset", f"reset failed (retrying): {err}")
             time.sleep(min(1.0, 10 * self.period))  # a service that fails fast is not hammered
             return
-        if self.agent is not None:
+        if self.policy is not None:
+            self.policy.reset()
+        elif self.agent is not None:
             self.agent.reset()  # an agent with a history or action chunks starts afresh
         if self.reward is not None:
             self.reward.reset()  # a success key pressed during the reset does not count for this episode
@@ -433,13 +422,11 @@ class AgentNode(LifecycleNode):
                 if self.env.cfg.action_mode == "6dof":  # the operator moves; the tool keeps its orientation
                     action = np.concatenate([action[:3], np.zeros(3, np.float32), action[3:]])
                 return action[:self.env.action_dim], True
-        train = self.link is not None
-        seen = self._learner_steps + self.total_steps - self._steps_at_weights  # env steps the run has had
-        if train and (self.agent is None or seen < self.seed_steps):
-            return self._rng.uniform(-1, 1, self.env.action_dim).astype(np.float32), False
+        if self.policy is not None:
+            return self.policy.act(obs, explore=not self._eval), False
         import torch
-        with self._agent_lock, torch.inference_mode():
-            return self.agent.act(obs, explore=train and not self._eval), False
+        with torch.inference_mode():
+            return self.agent.act(obs, explore=False), False
 
     def _record(self, obs, reward=None, terminated=False, truncated=False, success=False) -> None:
         """Add an observation to the recording, opening one where none is. After a hold the recording so far

@@ -25,6 +25,7 @@ JOINT_TRAJECTORY = "joint_trajectory_controller/joint_trajectory"  # trajectory_
 GRIPPER_COMMANDS = "gripper_controller/commands"  # Float64MultiArray: [finger opening, m]
 RESET_SERVICE = "reset"  # std_srvs/Trigger
 REWARD, SUCCESS, OBJECT_STATE = "task/reward", "task/success", "task/object_state"  # Float64, Bool, Float64MultiArray
+RESET_REWARD, RESET_SUCCESS = "reset_task/reward", "reset_task/success"  # the backward task of a learned reset
 ESTOP = "estop"  # std_msgs/Bool; True latches the e-stop
 DIAGNOSTICS = "/diagnostics"  # diagnostic_msgs/DiagnosticArray
 

@@ -31,7 +31,8 @@ ROBOT_PARAMS = {  # name: (default, description)
     "startup_timeout": (30.0, "s to wait at startup for the first robot state"),
     "reset_timeout": (30.0, "s to wait for the reset service and the state after it"),
     "reset": ("", "episode reset: empty = call reset_service (the simulator's, or your robot's); else a YAML file "
-                  "with a `reset:` mapping, scripted or operator (docs/resets.md)"),
+                  "with a `reset:` mapping: scripted, operator, service, or learned (agent_node mode train; "
+                  "docs/resets.md)"),
     "profile": ("", "arm profile: a shipped name (franka_fr3, ur5e_ros2, ros2_control_position, ...) or a YAML "
                     "path (docs/hardware.md); it then names the joints, topics, QoS and the backend's own box and "
                     "reference limits, and the parameters from frame_id to gripper_topic are unused"),
@@ -132,37 +133,68 @@ def make_robot_env(node, p: dict, camera_shapes: dict[str, list[int]], group, en
             part.close()
         raise TimeoutError(f"no robot state within startup_timeout {p['startup_timeout']:g} s: "
                            + "; ".join(filter(None, map(_unready, reads))))
-    return RobotEnv(arm, task, resetter, cfg, cameras, env_id=env_id), parts
+    env = RobotEnv(arm, task, resetter, cfg, cameras, env_id=env_id)
+    for part in parts:
+        if hasattr(part, "attach"):  # a learned reset acts through the env
+            try:
+                part.attach(env)
+            except Exception:
+                for other in parts:
+                    other.close()
+                raise
+    return env, parts
 
 
 def make_resetter(node, p: dict, arm, task, cfg, group) -> tuple:
-    """(reset handler, its parts to close): the reset service, or the `reset` YAML's scripted/operator reset."""
+    """(reset handler, its parts to close): the reset service, or the handler the `reset` YAML names."""
     if not p.get("reset"):
         resetter = RosReset(node, arm, task, p["reset_service"], p["reset_timeout"], group)
         return resetter, [resetter]
-    from robolearn.hardware.resets import CONFIGS, OperatorResetConfig, load_reset_spec, make_reset, parse_config
+    from robolearn.hardware.resets import load_reset_spec, parse_config
 
     spec, where = load_reset_spec(p["reset"])
-    typed = parse_config(spec, where)
-    kinds = [typed] + ([parse_config(typed.inner, f"{where}.inner")] if isinstance(typed, OperatorResetConfig)
-                       and typed.inner else [])
-    for kind in kinds:
-        name = next(k for k, c in CONFIGS.items() if isinstance(kind, c))
-        if name not in ("scripted", "operator"):
-            raise ValueError(f"{where}: type {name} is not available on a ROS robot (scripted or operator; a learned "
-                             "reset runs through robolearn.hardware.resets.make_reset in Python, demo_state in "
-                             "simulation through the env option reset_from_demos)")
-    confirm, more = None, []
-    if isinstance(typed, OperatorResetConfig) and typed.confirm == "trigger":
-        from robolearn.ros.operator_reset import TriggerConfirm
-        confirm = TriggerConfirm(node, typed.service, group)
-        more.append(confirm)
+    parts: list = []
     try:
-        return make_reset(typed, arm, where=where, safety=cfg.safety, confirm=confirm), more
+        return build_reset(node, p, arm, task, cfg, group, parse_config(spec, where), where, parts), parts
     except Exception:
-        for part in more:
+        for part in parts:
             part.close()
         raise
+
+
+def build_reset(node, p: dict, arm, task, cfg, group, typed, where: str, parts: list):
+    """One reset config as a handler on this ROS robot; what must be closed later goes into `parts`."""
+    from robolearn.hardware import resets
+
+    if isinstance(typed, resets.ServiceResetConfig):
+        handler = RosReset(node, arm, task, typed.service, typed.timeout, group)
+        parts.append(handler)
+        return handler
+    if isinstance(typed, resets.LearnedResetConfig):
+        if p.get("mode") != "train":
+            raise ValueError(f"{where}: a learned reset trains alongside the forward agent: agent_node mode:=train")
+        from robolearn.ros.backward_reset import BackwardReset
+        fallback = build_reset(node, p, arm, task, cfg, group, resets.parse_config(typed.fallback, f"{where}.fallback"),
+                               f"{where}.fallback", parts)
+        handler = BackwardReset(node, typed, fallback, p, where, group)
+        parts.append(handler)
+        return handler
+    if isinstance(typed, resets.OperatorResetConfig):
+        inner = None
+        if typed.inner:
+            inner = build_reset(node, p, arm, task, cfg, group, resets.parse_config(typed.inner, f"{where}.inner"),
+                                f"{where}.inner", parts)
+        if typed.confirm == "trigger":
+            from robolearn.ros.operator_reset import TriggerConfirm
+            confirm = TriggerConfirm(node, typed.service, group)
+            parts.append(confirm)
+        else:
+            confirm = resets.KeyConfirm()
+        return resets.OperatorReset(confirm, inner, typed.timeout, arm)
+    if isinstance(typed, resets.ScriptedResetConfig):
+        return resets.make_reset(typed, arm, where=where, safety=cfg.safety)
+    raise ValueError(f"{where}: type demo_state is for simulation: set the simulator's env option reset_from_demos "
+                     "(sim_robot_node env_overrides)")
 
 
 def camera_shapes(p: dict, spec: dict, what: str) -> dict[str, list[int]]:

@@ -61,6 +61,8 @@ PARAMS = {  # name: (default, description)
     "reward_topic": (c.REWARD, "std_msgs/Float64 out: the task's reward"),
     "success_topic": (c.SUCCESS, "std_msgs/Bool out: the task's success"),
     "object_state_topic": (c.OBJECT_STATE, "std_msgs/Float64MultiArray out: the task's object state"),
+    "reset_reward_topic": (c.RESET_REWARD, "std_msgs/Float64 out: the backward task's reward (tasks with one: PickCube)"),
+    "reset_success_topic": (c.RESET_SUCCESS, "std_msgs/Bool out: the backward task's success (a learned reset's goal)"),
 }
 
 
@@ -149,6 +151,8 @@ class SimRobotNode(Node):
                     "reward": pub(Float64, p["reward_topic"], c.RELIABLE_QOS),
                     "success": pub(Bool, p["success_topic"], c.RELIABLE_QOS),
                     "object": pub(Float64MultiArray, p["object_state_topic"], c.RELIABLE_QOS),
+                    "reset_reward": pub(Float64, p["reset_reward_topic"], c.RELIABLE_QOS),
+                    "reset_success": pub(Bool, p["reset_success_topic"], c.RELIABLE_QOS),
                     "diag": pub(DiagnosticArray, c.DIAGNOSTICS, c.RELIABLE_QOS)}
         self.clock_pub = pub(Clock, c.CLOCK, c.RELIABLE_QOS) if p["use_sim_time"] else None
         self.cam_pub = {n: (pub(Image, c.IMAGE_RAW.format(camera=n), c.SENSOR_QOS),
@@ -322,6 +326,10 @@ class SimRobotNode(Node):
                 (self.pub["twist"], c.twist_msg(arm.tool_vel(), arm.kin.jacobian(d)[3:] @ arm.kin.dq(d), stamp, frame)),
                 (self.pub["reward"], Float64(data=float(reward))), (self.pub["success"], Bool(data=bool(success))),
                 (self.pub["object"], Float64MultiArray(data=objects))]
+        backward = self.task.reset_score(arm) if hasattr(self.task, "reset_score") else None
+        if backward is not None:
+            out += [(self.pub["reset_reward"], Float64(data=float(backward[0]))),
+                    (self.pub["reset_success"], Bool(data=bool(backward[1])))]
         if self.cameras and self.sim_time >= self._next_frame:
             self._next_frame = max(self._next_frame + 1.0 / self.p["camera_rate_hz"], self.sim_time)
             for name, cam in self.cameras.items():

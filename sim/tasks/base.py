@@ -28,6 +28,10 @@ class Task:
         """Dense reward and success flag for the current state."""
         raise NotImplementedError
 
+    def reset_score(self, arm) -> tuple[float, bool] | None:
+        """Dense reward and success of undoing the task (a learned reset's backward task); None: the task has none."""
+        return None
+
     def expert(self, env):
         """A scripted expert: a callable obs -> action using privileged simulator state."""
         raise NotImplementedError(f"{type(self).__name__} has no scripted expert")

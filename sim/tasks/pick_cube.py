@@ -71,6 +71,16 @@ class PickCube(Task):
         reward = 0.3 * np.exp(-20.0 * np.linalg.norm(cube - tool)) + 0.7 * np.clip(lift / self.cfg.full_reward_lift, 0, 1)
         return float(reward), bool(lift >= self.cfg.success_lift)
 
+    def reset_score(self, arm):
+        """The backward task: the cube put back down inside the start region, and the gripper clear above it.
+        Reward 0.5 (1 - lift / 0.1) + 0.5 clearance / 0.08, each clipped to [0, 1]; success: resting, inside, clear."""
+        cube, tool = self.cube_pos(arm), arm.tool_pos()
+        lift = cube[2] - self.cfg.cube_half_size
+        clearance = tool[2] - cube[2] - self.cfg.cube_half_size
+        inside = bool(np.all(cube[:2] >= self.cfg.region_low) and np.all(cube[:2] <= self.cfg.region_high))
+        reward = 0.5 * (1 - np.clip(lift / 0.1, 0, 1)) + 0.5 * np.clip(clearance / 0.08, 0, 1)
+        return float(reward), bool(lift < 0.005 and inside and clearance >= 0.08)
+
     def expert(self, env):
         return PickCubeExpert(self, env)
 
