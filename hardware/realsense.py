@@ -64,20 +64,27 @@ class RealSenseCamera(FrameStream):
             profile = pipe.start(config)
         except RuntimeError as err:
             raise OSError(f"{where}: cannot start {cfg.file or cfg.serial or 'a RealSense'}: {err}") from None
-        device = profile.get_device()
-        serial = device.get_info(rs.camera_info.serial_number) if device.supports(rs.camera_info.serial_number) else ""
-        if cfg.serial and serial and serial != cfg.serial:  # a recording made with another camera
+        try:  # the pipeline stops again on any failure below: a started one keeps the device busy for a reconnect
+            device = profile.get_device()
+            serial = (device.get_info(rs.camera_info.serial_number)
+                      if device.supports(rs.camera_info.serial_number) else "")
+            if cfg.serial and serial and serial != cfg.serial:  # a recording made with another camera
+                raise OSError(f"{where}: {cfg.file or 'device'} has serial {serial}, expected {cfg.serial}")
+            self.serial = serial
+            video = profile.get_stream(rs.stream.color).as_video_stream_profile()
+            intr = video.get_intrinsics()
+            self._k = np.array([[intr.fx, 0.0, intr.ppx], [0.0, intr.fy, intr.ppy], [0.0, 0.0, 1.0]])
+            self._coeffs = [float(c) for c in intr.coeffs]
+            self.native_hw = (intr.height, intr.width)
+            if cfg.depth:
+                self._depth_scale = device.first_depth_sensor().get_depth_scale()
+                self._align = rs.align(rs.stream.color)
+        except OSError:
             pipe.stop()
-            raise OSError(f"{where}: {cfg.file or 'device'} has serial {serial}, expected {cfg.serial}")
-        self.serial = serial
-        video = profile.get_stream(rs.stream.color).as_video_stream_profile()
-        intr = video.get_intrinsics()
-        self._k = np.array([[intr.fx, 0.0, intr.ppx], [0.0, intr.fy, intr.ppy], [0.0, 0.0, 1.0]])
-        self._coeffs = [float(c) for c in intr.coeffs]
-        self.native_hw = (intr.height, intr.width)
-        if cfg.depth:
-            self._depth_scale = device.first_depth_sensor().get_depth_scale()
-            self._align = rs.align(rs.stream.color)
+            raise
+        except RuntimeError as err:
+            pipe.stop()
+            raise OSError(f"{where}: {cfg.file or cfg.serial or 'RealSense'}: {err}") from None
         self._pipe, self._last_number = pipe, None
         self._clock.reset()
 

@@ -33,14 +33,31 @@ def rtde_to_pose(pose) -> tuple[np.ndarray, np.ndarray]:
     return pose[:3].copy(), rotvec_to_quat(pose[3:])
 
 
-def connect(host: str, robot_hz: float):
-    """The real RTDEControlInterface and RTDEReceiveInterface for `host` (lazy import: an optional extra)."""
+def connect(host: str, robot_hz: float, timeout: float = 10.0, where: str = "ur_rtde"):
+    """The real RTDEControlInterface and RTDEReceiveInterface for `host` (lazy import: an optional extra), within
+    `timeout` s; one-line errors name `where` (the profile) and the host."""
     try:
         import rtde_control
         import rtde_receive
     except ImportError:
         raise RuntimeError(INSTALL) from None
-    return rtde_control.RTDEControlInterface(host, robot_hz), rtde_receive.RTDEReceiveInterface(host, robot_hz)
+    out: dict = {}
+
+    def run():
+        try:
+            out["ifaces"] = (rtde_control.RTDEControlInterface(host, robot_hz),
+                             rtde_receive.RTDEReceiveInterface(host, robot_hz))
+        except Exception as err:  # noqa: BLE001 - reported below with the host
+            out["error"] = err
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"{where}: no RTDE connection to {host} within {timeout:g} s (timeouts.startup); is the "
+                           "robot on, reachable and in remote control?")
+    if "error" in out:
+        raise RuntimeError(f"{where}: RTDE connection to {host} failed: {out['error']}")
+    return out["ifaces"]
 
 
 class UrRtdeArm:
@@ -55,7 +72,7 @@ class UrRtdeArm:
         self.safety = safety or profile.safety()
         self.joint_names = profile.joints
         if control is None or receive is None:
-            control, receive = connect(self.rtde.host, self.rtde.robot_hz)
+            control, receive = connect(self.rtde.host, self.rtde.robot_hz, profile.startup_timeout, str(profile.path))
         self.control, self.receive = control, receive
         self.dt = 1.0 / self.rtde.robot_hz
         self.error = ""  # the last failure of the servo thread (a rejected servoL, a lost connection)
@@ -70,6 +87,10 @@ class UrRtdeArm:
     def read(self) -> ArmState:
         if not self.receive.isConnected():
             raise StaleStateError(f"ur_rtde: no connection to {self.rtde.host} ({self.error or 'disconnected'})")
+        if not self._thread.is_alive() and not self._stop.is_set():
+            raise StaleStateError(f"ur_rtde: the servo thread stopped ({self.error or 'no error recorded'})")
+        if self.error:  # a refused servo command (a protective stop, no remote control): the policy must not act
+            raise StaleStateError(self.error)
         pos, quat = rtde_to_pose(self.receive.getActualTCPPose())
         q = np.asarray(self.receive.getActualQ(), dtype=float)
         dq = np.asarray(self.receive.getActualQd(), dtype=float)
@@ -98,15 +119,15 @@ class UrRtdeArm:
 
     def hold(self) -> np.ndarray | None:
         """Servo at the measured pose (servo) or stop (speed); returns the pose, None without a connection."""
+        if self.profile.interface == "speed":
+            with self._lock:  # only the servo thread talks to the controller: it stops the arm at its next period
+                self._segment = ("stop",)
         try:
             state = self.read()
         except StaleStateError:
             return None
         with self._lock:
-            if self.profile.interface == "speed":
-                self._segment = None
-                self.control.speedStop(2.0)
-            else:
+            if self.profile.interface != "speed":
                 here = (state.tool_pos, state.tool_quat)
                 self._segment = ("tool", here, here, time.monotonic(), 1.0 / self.control_hz)
         return state.tool_pose
@@ -122,27 +143,35 @@ class UrRtdeArm:
         (speed), or servoJ during move_joints. Nothing is sent before the first command."""
         c, r = self.control, self.rtde
         while not self._stop.is_set():
-            t = c.initPeriod()
-            with self._lock:
-                seg, now = self._segment, time.monotonic()
             try:
-                if seg is None:
-                    pass
-                elif seg[0] == "joint":
-                    _, q0, q1, t0, span = seg
-                    s = min(max((now - t0) / span, 0.0), 1.0)
-                    if not c.servoJ([float(v) for v in q0 + s * (q1 - q0)], 0.0, 0.0, self.dt, r.lookahead_time,
-                                    r.gain):
-                        self.error = "ur_rtde: servoJ refused (is the robot in remote control and running?)"
-                elif self.profile.interface == "servo":
-                    pose = pose_to_rtde(*self._tool_reference(seg, now))
-                    if not c.servoL(pose, 0.0, 0.0, self.dt, r.lookahead_time, r.gain):
-                        self.error = f"ur_rtde: servoL {pose} refused (is the robot in remote control and running?)"
-                else:
-                    self._speed(seg, now)
+                t = c.initPeriod()
+                self._period(c, r)
+                c.waitPeriod(t)
             except Exception as err:  # noqa: BLE001 - the thread must survive to stop the arm
                 self.error = f"ur_rtde: {err}"
-            c.waitPeriod(t)
+                time.sleep(self.dt)
+
+    def _period(self, c, r) -> None:
+        """One robot period; the lock is held throughout, so a hold() cannot be overtaken by an older command."""
+        with self._lock:
+            seg, now = self._segment, time.monotonic()
+            if seg is None:
+                return
+            if seg[0] == "stop":
+                c.speedStop(2.0)
+                self._segment = None
+            elif seg[0] == "joint":
+                _, q0, q1, t0, span = seg
+                s = min(max((now - t0) / span, 0.0), 1.0)
+                ok = c.servoJ([float(v) for v in q0 + s * (q1 - q0)], 0.0, 0.0, self.dt, r.lookahead_time, r.gain)
+                self.error = "" if ok else "ur_rtde: servoJ refused (is the robot in remote control and running?)"
+            elif self.profile.interface == "servo":
+                pose = pose_to_rtde(*self._tool_reference(seg, now))
+                ok = c.servoL(pose, 0.0, 0.0, self.dt, r.lookahead_time, r.gain)
+                self.error = "" if ok else f"ur_rtde: servoL {pose} refused (is the robot in remote control and running?)"
+            else:
+                self._speed(seg, now)
+                self.error = ""
 
     def _speed(self, seg, now: float) -> None:
         """speedL toward the interpolated reference: its feed-forward rate, zero once the period is over."""

@@ -516,6 +516,10 @@ def test_robot_env_with_a_silent_profile_fails_naming_the_topic(world, tmp_path)
     path.write_text(yaml.safe_dump(data))
     p = {name: default for name, (default, _) in robot_params.ROBOT_PARAMS.items()}
     p["profile"] = str(path)
+    with pytest.raises(ValueError, match=r"parameters workspace_low/high \[0.2, -0.3, 0.0\] .. \[0.6, 0.3, 0.5\] reach "
+                                         r"outside the profile's workspace \[-0.75, -0.45, 0.05\]"):
+        robot_params.make_robot_env(world.node("agent0"), p, {}, None, "robolearn/PandaPickCube-v0")
+    p.update(workspace_low=[-0.7, -0.4, 0.1], workspace_high=[-0.3, 0.1, 0.5])  # inside the UR's box
     with pytest.raises(TimeoutError, match=rf"{path}: topics.joint_states: no message on {world.namespace}/joint_states"):
         robot_params.make_robot_env(world.node("agent"), p, {}, None, "robolearn/PandaPickCube-v0")
 
@@ -529,7 +533,7 @@ def test_robot_env_on_a_ur_rtde_profile_resets_and_acts_through_rtde(world, tmp_
     from robolearn.ros import robot_params
     profile = load_profile("ur5e_rtde")
     fake = FakeRtde(profile)
-    monkeypatch.setattr(ur_rtde_arm, "connect", lambda host, hz: (fake, fake))
+    monkeypatch.setattr(ur_rtde_arm, "connect", lambda *args: (fake, fake))
     task = world.node("task")
     pub = task.create_publisher(Float64MultiArray, common.OBJECT_STATE, common.RELIABLE_QOS)
     task.create_timer(0.02, lambda: pub.publish(Float64MultiArray(data=[-0.5, -0.1, 0.02])))

@@ -147,7 +147,9 @@ def test_speedl_interface_sends_the_rate_then_zeros_and_hold_stops(arm_at):
     speeds = [np.array(c[2][0]) for c in fake.named("speedL")]
     assert speeds[0] == pytest.approx([0.05, 0, 0, 0, 0, 0], abs=1e-9)  # 5 mm over one 0.1 s period
     assert not np.any(speeds[-1]), "zero speed once the period is over"
-    assert arm.hold() is not None and fake.named("stop")
+    assert arm.hold() is not None
+    time.sleep(0.05)  # the servo thread, the only caller of the controller, stops at its next period
+    assert fake.named("stop") and fake.named("speedL")[-1][1] < fake.named("stop")[0][1]  # nothing after the stop
 
 
 def test_move_joints_servoj_interpolates_and_checks_limits(arm_at):
@@ -197,3 +199,17 @@ def test_real_ur_rtde_has_the_methods_and_arguments_we_call():
     init = rtde_control.RTDEControlInterface.__init__.__doc__.splitlines()[0]
     assert "hostname: str, frequency: float" in init
     assert inspect.isroutine(rtde_receive.RTDEReceiveInterface.getActualTCPPose)
+
+
+def test_a_refused_servo_command_makes_the_state_stale_until_one_is_accepted(arm_at):
+    """A protective stop refuses servoL: the policy must not act on, so read() names the refusal."""
+    arm, fake = arm_at()
+    state = arm.read()
+    fake.servoL = lambda *a: False
+    arm.command(ToolTarget(state.tool_pos + [0.005, 0.0, 0.0], state.tool_quat))
+    time.sleep(0.05)
+    with pytest.raises(StaleStateError, match="servoL .* refused"):
+        arm.read()
+    fake.servoL = lambda *a: True
+    time.sleep(0.05)
+    assert arm.read() is not None

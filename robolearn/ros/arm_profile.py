@@ -61,19 +61,35 @@ class FrankaArm(RosArm):
         goal = self._recovery._action_type.Goal()
         done, result = threading.Event(), {}
 
+        def finished(fut):
+            try:
+                result["status"] = fut.result().status
+            except Exception as err:  # noqa: BLE001 - reported by recover() itself
+                result["error"] = repr(err)
+            done.set()
+
         def accepted(fut):
-            handle = fut.result()
+            try:
+                handle = fut.result()
+            except Exception as err:  # noqa: BLE001
+                result["error"] = repr(err)
+                return done.set()
             if not handle.accepted:
                 result["error"] = "goal rejected"
-                done.set()
-                return
-            handle.get_result_async().add_done_callback(lambda r: (result.update(r=r.result()), done.set()))
+                return done.set()
+            result["handle"] = handle
+            handle.get_result_async().add_done_callback(finished)
 
         self._recovery.send_goal_async(goal).add_done_callback(accepted)
         if not wait_until(self.node, done.is_set, timeout):
-            raise TimeoutError(f"{name} did not finish within {timeout:g} s")
+            if "handle" in result:  # not left running after we gave up on it
+                result["handle"].cancel_goal_async()
+            raise TimeoutError(f"{name} did not finish within {timeout:g} s (goal canceled)")
         if "error" in result:
             raise RuntimeError(f"{name}: {result['error']}")
+        from action_msgs.msg import GoalStatus
+        if result.get("status") != GoalStatus.STATUS_SUCCEEDED:
+            raise RuntimeError(f"{name}: recovery ended with goal status {result.get('status')} (not succeeded)")
         return "recovered"
 
     def close(self) -> None:

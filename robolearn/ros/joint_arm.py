@@ -50,6 +50,9 @@ class RosJointArm(RosArmBase):
             raise ValueError(f"{profile.path}: RosJointArm needs backend ros_joint with kinematics, "
                              f"got backend {profile.backend}")
         self.profile = profile
+        if profile.command_hz > 0 and profile.interface in ("position", "velocity") and profile.command_hz < control_hz:
+            raise ValueError(f"{profile.path}: command_hz {profile.command_hz:g} is below the control rate "
+                             f"{control_hz:g} Hz: each target would be over before the first streamed command")
         self.safety = safety or profile.safety()
         self.chain = profile.kinematics.chain()
         self.joint_names = profile.joints
@@ -79,6 +82,7 @@ class RosJointArm(RosArmBase):
         self.joint_receipt = float("nan")
         self._lock = threading.Lock()
         self._segment = None  # (q0, q1, t0, T): the streamed reference moves from q0 to q1 over T s from t0
+        self._last_reference = None  # position streaming: where the previous segment ended (the next starts there)
         self._stop = threading.Event()
         self._streamer = None
         if profile.command_hz > 0 and self.interface in ("position", "velocity"):
@@ -86,11 +90,6 @@ class RosJointArm(RosArmBase):
             self._streamer.start()
 
     # -- state ---------------------------------------------------------------------------------
-    def _parse_joints(self, msg: JointState):
-        pos, vel = common.select_joints(msg, self.joint_names + self.finger_names, self.topics[0])
-        n = len(self.joint_names)
-        return (pos[:n], vel[:n], float(pos[n:].sum())), common.from_time(msg.header.stamp)
-
     @staticmethod
     def _parse_scaling(msg: Float64):
         if not np.isfinite(msg.data):
@@ -146,7 +145,12 @@ class RosJointArm(RosArmBase):
                 self._publish_velocity(np.clip((q_target - q_now) / seconds, -self.vmax, self.vmax))
         else:
             with self._lock:
-                start = q_now if self._segment is None or self.interface == "velocity" else self._reference()
+                if self.interface == "velocity":
+                    start = q_now
+                elif self._segment is not None:
+                    start = self._reference()
+                else:  # from where the streamed reference stopped, not the measured (lagging) position: no step back
+                    start = q_now if self._last_reference is None else self._last_reference
                 self._segment = (start, q_target, time.monotonic(), seconds)
 
     def _reference(self, now: float | None = None) -> np.ndarray:
@@ -159,21 +163,25 @@ class RosJointArm(RosArmBase):
         zeros once the segment is over (a policy that falls silent stops the arm)."""
         period, due = 1.0 / self.profile.command_hz, time.monotonic()
         while not self._stop.is_set():
+            # Publish under the lock: a hold() between reading the segment and publishing it would otherwise be
+            # followed by this thread's stale velocity, which a ForwardCommandController keeps forever.
             with self._lock:
                 seg, now = self._segment, time.monotonic()
-                ref = None if seg is None else self._reference(now)
-                over = seg is not None and now - seg[2] > seg[3]
-                if over:
-                    self._segment = None
-            if seg is not None:
-                if self.interface == "position":
-                    self._publish_position(ref)
-                elif over:
-                    self._publish_velocity(np.zeros(len(ref)))
+                if seg is None:
+                    if self.interface == "velocity":  # no motion asked for: keep saying so
+                        self._publish_velocity(np.zeros(len(self.joint_names)))
                 else:
-                    q = self._newest.get(self.topics[0])
-                    pull = VELOCITY_GAIN * (ref - q[0][0]) if q is not None else 0.0
-                    self._publish_velocity(np.clip((seg[1] - seg[0]) / seg[3] + pull, -self.vmax, self.vmax))
+                    ref, over = self._reference(now), now - seg[2] > seg[3]
+                    if self.interface == "position":
+                        self._publish_position(ref)
+                    elif over:
+                        self._publish_velocity(np.zeros(len(ref)))
+                    else:
+                        q = self._newest.get(self.topics[0])
+                        pull = VELOCITY_GAIN * (ref - q[0][0]) if q is not None else 0.0
+                        self._publish_velocity(np.clip((seg[1] - seg[0]) / seg[3] + pull, -self.vmax, self.vmax))
+                    if over:
+                        self._segment, self._last_reference = None, seg[1]
             due = max(due + period, time.monotonic())
             self._stop.wait(max(0.0, due - time.monotonic()))
 
@@ -191,19 +199,17 @@ class RosJointArm(RosArmBase):
     def hold(self) -> np.ndarray | None:
         """Stop where the arm is: the measured positions (position, trajectory) or zero velocity; returns the
         measured joint positions (None before any joint state arrived)."""
-        with self._lock:
-            self._segment = None
         item = self._newest.get(self.topics[0])
-        if self.interface == "velocity":
-            self._publish_velocity(np.zeros(len(self.joint_names)))
-        if item is None:
-            return None
-        q = item[0][0]
-        if self.interface == "position":
-            self._publish_position(q)
-        elif self.interface == "trajectory":
-            self._publish_trajectory(q, 1.0 / self.control_hz)
-        return q.copy()
+        q = None if item is None else item[0][0].copy()
+        with self._lock:  # the streamer publishes under this lock too: nothing it read before can follow
+            self._segment, self._last_reference = None, q
+            if self.interface == "velocity":
+                self._publish_velocity(np.zeros(len(self.joint_names)))
+            elif q is not None and self.interface == "position":
+                self._publish_position(q)
+            elif q is not None and self.interface == "trajectory":
+                self._publish_trajectory(q, 1.0 / self.control_hz)
+        return q
 
     def recover(self, timeout: float = 10.0) -> str:
         """UR: call resend_robot_program (restarts the external control program after a stop); its message."""

@@ -69,7 +69,7 @@ class ClassifierReward:
                              "`robolearn classifier train` wrote")
         try:
             self.classifier = load_classifier(path, observation_space, device)
-        except ValueError as err:
+        except (ValueError, OSError) as err:
             raise ValueError(f"parameter reward_classifier: {err}") from None
         self.threshold = float(self.classifier.cfg.threshold)
         self.probability = float("nan")  # of the last scored observation, for logs

@@ -7,6 +7,7 @@ simulator uses too. Parameter list: docs/ros.md ("Robot profile").
 
 from __future__ import annotations
 
+import numpy as np
 from rcl_interfaces.msg import ParameterDescriptor
 
 from robolearn.controllers.safety import SafetyConfig
@@ -103,6 +104,11 @@ def make_robot_env(node, p: dict, camera_shapes: dict[str, list[int]], group, en
         from robolearn.hardware.profiles import load_profile
         from robolearn.ros.arm_profile import open_arm
         profile = load_profile(p["profile"])
+        low, high = (np.asarray(v, float) for v in (cfg.safety.workspace_low, cfg.safety.workspace_high))
+        if np.any(low < np.asarray(profile.workspace_low) - 1e-9) or np.any(high > np.asarray(profile.workspace_high) + 1e-9):
+            raise ValueError(f"parameters workspace_low/high {low.tolist()} .. {high.tolist()} reach outside the "
+                             f"profile's workspace {list(profile.workspace_low)} .. {list(profile.workspace_high)} "
+                             f"({profile.path}); the policy would aim where the arm may not go")
         if profile.backend == "ur_rtde":  # no driver topics: ur_rtde talks to the controller itself
             if not p.get("reset"):
                 raise ValueError(f"{profile.path}: a ur_rtde arm has no reset service; set the reset parameter to a "
@@ -191,8 +197,8 @@ def build_reset(node, p: dict, arm, task, cfg, group, typed, where: str, parts: 
         else:
             confirm = resets.KeyConfirm()
         return resets.OperatorReset(confirm, inner, typed.timeout, arm)
-    if isinstance(typed, resets.ScriptedResetConfig):
-        return resets.make_reset(typed, arm, where=where, safety=cfg.safety)
+    if isinstance(typed, resets.ScriptedResetConfig):  # the arm's own box and step limit (a profile's), as it moves
+        return resets.make_reset(typed, arm, where=where, safety=getattr(arm, "safety", cfg.safety))
     raise ValueError(f"{where}: type demo_state is for simulation: set the simulator's env option reset_from_demos "
                      "(sim_robot_node env_overrides)")
 

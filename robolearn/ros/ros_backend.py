@@ -106,6 +106,12 @@ class RosArmBase(_Topics):
         self._next_wait = max(self._next_wait + 1.0 / self.control_hz, time.monotonic())
         time.sleep(max(0.0, self._next_wait - time.monotonic()))
 
+    def _parse_joints(self, msg: JointState):
+        """(arm positions, velocities, gripper opening = the finger joints' sum), stamp; joints matched by name."""
+        pos, vel = common.select_joints(msg, self.joint_names + self.finger_names, self.topics[0])
+        n = len(self.joint_names)
+        return (pos[:n], vel[:n], float(pos[n:].sum())), common.from_time(msg.header.stamp)
+
     def flush(self, timeout: float = 0.5) -> None:
         """Wait up to `timeout` s for subscribers to acknowledge every command sent (a hold before shutdown)."""
         from rclpy.duration import Duration
@@ -138,11 +144,6 @@ class RosArm(RosArmBase):
         self.gripper_pub = node.create_publisher(Float64MultiArray, gripper, common.RELIABLE_QOS)
         self.command_publishers = (self.pose_pub, self.gripper_pub)
         self.joint_receipt = float("nan")  # receipt time (monotonic) of the joint_states the last read() used
-
-    def _parse_joints(self, msg: JointState):
-        pos, vel = common.select_joints(msg, self.joint_names + self.finger_names, self.topics[0])
-        n = len(self.joint_names)
-        return (pos[:n], vel[:n], float(pos[n:].sum())), common.from_time(msg.header.stamp)
 
     def _parse_pose(self, msg: PoseStamped):
         if msg.header.frame_id and msg.header.frame_id != self.frame:
@@ -207,6 +208,12 @@ class RosCamera(_Topics):
         self._fit = fit_frame
         if self.topic.rstrip("/").endswith("/compressed"):
             from sensor_msgs.msg import CompressedImage
+            try:  # here, not per frame: without OpenCV every frame would be refused and only a timeout said so
+                import cv2
+            except ImportError:
+                raise ValueError(f"camera {name!r}: {self.topic} is compressed and decoding it needs OpenCV: pip install "
+                                 "opencv-python-headless") from None
+            self._cv2 = cv2
             self._sub(CompressedImage, self.topic, common.SENSOR_QOS, self._parse_compressed)
         else:
             self._sub(Image, self.topic, common.SENSOR_QOS, self._parse)
@@ -215,7 +222,7 @@ class RosCamera(_Topics):
         return self._fitted(common.image_array(msg)), common.from_time(msg.header.stamp)
 
     def _parse_compressed(self, msg):
-        import cv2
+        cv2 = self._cv2
         data = np.frombuffer(bytes(msg.data), dtype=np.uint8)
         bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
         if bgr is None:
