@@ -37,7 +37,8 @@ TOPIC_ROLES = {
     "gripper": ("reliable", ("ros_joint", "ros_cartesian")),
 }
 SERVICES = {"resend_robot_program": ("ros_joint",)}  # std_srvs/Trigger (UR driver)
-ACTIONS = {"error_recovery": ("ros_cartesian",)}  # franka_msgs/action/ErrorRecovery
+ACTIONS = {"error_recovery": ("ros_cartesian",),  # franka_msgs/action/ErrorRecovery
+           "gripper_move": ("ros_cartesian",), "gripper_grasp": ("ros_cartesian",)}  # franka_msgs Move, Grasp
 TOP_KEYS = ("name", "description", "backend", "interface", "joints", "command_joints", "limits", "home", "workspace",
             "reference_limit", "frame_id", "kinematics", "topics", "services", "actions", "gripper", "rates",
             "timeouts", "rtde")
@@ -70,6 +71,8 @@ class Kinematics:
 class Gripper:
     joints: tuple[str, ...] = ()  # their positions in joint_states sum to the opening
     max_opening: float = 0.08  # m, at gripper action -1
+    speed: float = 0.1  # m/s of the fingers (gripper_move / gripper_grasp actions)
+    force: float = 20.0  # N, gripper_grasp's grasping force
 
 
 @dataclass(frozen=True)
@@ -198,9 +201,11 @@ def parse_profile(data, where: str) -> ArmProfile:
     actions = _named(r, d.get("actions") or {}, "actions", ACTIONS, backend)
     grip = None
     if d.get("gripper") is not None:
-        g = r.mapping(d["gripper"], "gripper", ("joints", "max_opening"))
+        g = r.mapping(d["gripper"], "gripper", ("joints", "max_opening", "speed", "force"))
         grip = Gripper(r.names(g, "gripper.joints") if "joints" in g else (),
-                       r.positive(g, "gripper.max_opening") if "max_opening" in g else 0.08)
+                       r.positive(g, "gripper.max_opening") if "max_opening" in g else 0.08,
+                       r.positive(g, "gripper.speed") if "speed" in g else 0.1,
+                       r.positive(g, "gripper.force") if "force" in g else 20.0)
     rates = r.mapping(d.get("rates") or {}, "rates", ("control_hz", "command_hz"))
     control_hz = r.positive(rates, "rates.control_hz") if "control_hz" in rates else 10.0
     command_hz = r.number(rates, "rates.command_hz") if "command_hz" in rates else 0.0

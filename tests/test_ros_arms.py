@@ -343,10 +343,16 @@ def test_franka_error_recovery_without_franka_msgs_says_what_to_install(world):
         pytest.skip("franka_msgs is installed here; the message for its absence cannot be shown")
     except ImportError:
         pass
-    FakeFranka(world, load_profile("franka_fr3"))
+    fake = FakeFranka(world, load_profile("franka_fr3"))
     arm = world.arm("franka_fr3")
     with pytest.raises(RuntimeError, match=re.escape(FRANKA_MSGS_MISSING)):
         arm.recover()
+    # The gripper actions need franka_msgs too: until it is there, the opening goes to the gripper topic.
+    assert arm._grip_clients is None
+    state = arm.read()
+    arm.command(ToolTarget(state.tool_pos, state.tool_quat, gripper=1.0))
+    wait_for(lambda: fake.grippers, what="the gripper topic")
+    assert fake.grippers[-1] == pytest.approx(0.0)  # closed
 
 
 def test_franka_pose_subscribed_reliable_is_a_named_qos_mismatch(world):

@@ -39,7 +39,8 @@ class FrankaArm(RosArm):
                          qos={r: profile_qos(t[r].qos) for r in ("joint_states", "current_pose", "current_twist")})
         self.profile = profile
         self.inputs = {r: t[r] for r in ("joint_states", "current_pose", "current_twist")}
-        self.recovery_error, self._recovery = "", None
+        self.recovery_error, self._recovery, self._grip_clients, self._closed = "", None, None, None
+        self._setup_gripper_actions(node, profile, callback_group)
         action = profile.actions.get("error_recovery")
         if action:
             try:
@@ -50,6 +51,41 @@ class FrankaArm(RosArm):
             else:
                 from rclpy.action import ActionClient
                 self._recovery = ActionClient(node, ErrorRecovery, action, callback_group=callback_group)
+
+    def _setup_gripper_actions(self, node, profile: ArmProfile, group) -> None:
+        """franka_gripper's move/grasp actions (as SERL drives the Franka hand: open or grasp), where the profile
+        names them and franka_msgs is on the robot's ROS install; else the gripper topic stays."""
+        names = [profile.actions.get(k) for k in ("gripper_move", "gripper_grasp")]
+        if not any(names):
+            return
+        if not all(names):
+            raise ValueError(f"{profile.path}: actions.gripper_move and actions.gripper_grasp go together")
+        try:
+            from franka_msgs.action import Grasp, Move
+        except ImportError:
+            node.get_logger().warning(f"{profile.path}: actions.gripper_move/grasp: install franka_msgs (franka_ros2) "
+                                      f"on the robot's ROS install to drive the gripper; until then the opening goes "
+                                      f"to {self.gripper_pub.topic_name}")
+            return
+        from rclpy.action import ActionClient
+        self._grip_clients = (ActionClient(node, Move, names[0], callback_group=group),
+                              ActionClient(node, Grasp, names[1], callback_group=group))
+
+    def _command_gripper(self, action: float) -> None:
+        """Binary, as SERL: +side grasps (width 0, the profile's force), -side moves open; a goal only on a change."""
+        if self._grip_clients is None:
+            return super()._command_gripper(action)
+        closed = action > 0.0
+        if closed == self._closed:
+            return
+        self._closed = closed
+        grip, (move, grasp) = self.profile.gripper, self._grip_clients
+        if closed:
+            goal = grasp._action_type.Goal(width=0.0, speed=grip.speed, force=grip.force)
+            goal.epsilon.inner = goal.epsilon.outer = grip.max_opening  # any width counts as a grasp
+            grasp.send_goal_async(goal)
+        else:
+            move.send_goal_async(move._action_type.Goal(width=grip.max_opening, speed=grip.speed))
 
     def recover(self, timeout: float = 10.0) -> str:
         """Clear a reflex or error through the ErrorRecovery action; the controllers then run again."""
@@ -93,8 +129,9 @@ class FrankaArm(RosArm):
         return "recovered"
 
     def close(self) -> None:
-        if self._recovery is not None:
-            self._recovery.destroy()
+        for client in (self._recovery, *(self._grip_clients or ())):
+            if client is not None:
+                client.destroy()
         super().close()
 
 

@@ -174,7 +174,11 @@ class RosArm(RosArmBase):
         gripper = None if target.gripper is None else float(require_finite([target.gripper], "gripper action")[0])
         self._publish(pos, quat)
         if gripper is not None:
-            self.gripper_pub.publish(Float64MultiArray(data=[common.gripper_opening(gripper, self.max_opening)]))
+            self._command_gripper(gripper)
+
+    def _command_gripper(self, action: float) -> None:
+        """The gripper action (-1 open, +1 closed) as the finger opening on the gripper topic."""
+        self.gripper_pub.publish(Float64MultiArray(data=[common.gripper_opening(action, self.max_opening)]))
 
     def hold(self) -> np.ndarray | None:
         """Command the newest measured pose whatever its age; returns it (None before any pose arrived)."""
