@@ -35,6 +35,7 @@ PARAMS = {  # name: (default, description); docs/actor_learner.md lists them
     "seed": (0, "seed of the agent's networks and the replay sampling"),
     "frames": (20_000, "env steps to learn from, then save and exit 0 (also sizes the agent's schedules)"),
     "set": (ARRAY, "agent options KEY=VALUE, as robolearn train --set"),
+    "seed_steps": (-1, "env steps before the first update (-1: the agent's own; SERL: 0 with demos, 1000 without)"),
     "update_ratio": (1.0, "update calls per env step, relative to the agent's own schedule (robolearn train: 1)"),
     "publish_every_updates": (50, "publish weights every N update calls (SERL: 50) ..."),
     "publish_every_s": (4.0, "... or every N seconds when updates happened, whichever comes first"),
@@ -76,6 +77,7 @@ class LearnerNode(Node):
             raise ValueError(f"parameter torch_threads: {p['torch_threads']} must be 1 or more")
         cfg = LearnerConfig(agent=p["agent"], out=p["out"], demos=p["demos"] or None,
                             init_checkpoint=p["checkpoint"] or None, seed=p["seed"], frames=p["frames"],
+                            seed_steps=None if p["seed_steps"] < 0 else int(p["seed_steps"]),
                             agent_overrides=_parse_overrides(p["set"]), update_ratio=float(p["update_ratio"]),
                             publish_every_updates=p["publish_every_updates"], publish_every_s=float(p["publish_every_s"]),
                             checkpoint_every_s=float(p["checkpoint_every_s"]))
