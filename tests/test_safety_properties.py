@@ -132,6 +132,22 @@ def test_former_violations_stay_safe(env, first, second, steps):
     run(env, 0, [first] * steps + [second] * 5)
 
 
+# Found by test_adversarial_sequences_stay_safe in a full `make test` run on 2026-12-06 (the property test met it
+# there and not when run alone: the same example only arises when the floating-point state differs, e.g. with
+# torch.set_flush_denormal(True)); it reproduces alone from the shrunk sequence below. Sweeping the table along the
+# near-base wall with the gripper pressing down, then reversing at full action, folds joint 4 to 0.02 rad from its
+# limit and the fingers' contact with the table slides the tool 19.6 mm past x = 0.2. Not fixed yet: docs/controllers.md
+# ("Known limits"). strict: when the controller is fixed this starts passing and must be turned into a plain test.
+NEAR_BASE_TABLE_SWEEP = ([(-1.0, 1.0, -1.0, -1.0)] * 23 + [(-1.0, -1.0, -1.0, -1.0), (1.0, 1.0, 1.0, 1.0)] * 2
+                         + [(-1.0, -1.0, -1.0, 1.0)] * 5)
+
+
+@pytest.mark.xfail(strict=True, reason="known: 19.6 mm past the box after a near-base table sweep and a full reversal "
+                                       "(docs/controllers.md, Known limits)")
+def test_near_base_table_sweep_with_reversals_stays_safe(env):
+    run(env, 0, NEAR_BASE_TABLE_SWEEP)
+
+
 # -- bad actions -----------------------------------------------------------------------------------
 
 def snapshot(env: RobotEnv) -> dict:
