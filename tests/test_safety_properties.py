@@ -132,9 +132,8 @@ def test_former_violations_stay_safe(env, first, second, steps):
     run(env, 0, [first] * steps + [second] * 5)
 
 
-# Found by test_adversarial_sequences_stay_safe in a full `make test` run on 2026-12-06 (the property test met it
-# there and not when run alone: the same example only arises when the floating-point state differs, e.g. with
-# torch.set_flush_denormal(True)); it reproduces alone from the shrunk sequence below. Sweeping the table along the
+# Found by test_adversarial_sequences_stay_safe in a full `make test` run on 2026-12-06 (it met it there, not when
+# run alone; alone it also fails with torch.set_flush_denormal(True)); the shrunk sequence below fails alone. Sweeping the table along the
 # near-base wall with the gripper pressing down, then reversing at full action, folds joint 4 to 0.02 rad from its
 # limit and the fingers' contact with the table slides the tool 19.6 mm past x = 0.2. Not fixed yet: docs/controllers.md
 # ("Known limits"). strict: when the controller is fixed this starts passing and must be turned into a plain test.
