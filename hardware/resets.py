@@ -68,6 +68,7 @@ class LearnedResetConfig:
     reward: str = "task"  # task: the reset_task/reward and reset_task/success topics (the simulator's); classifier
     classifier: str = ""  # reward classifier folder (robolearn classifier train) for reward: classifier
     explore: bool = True  # sample the backward policy (it is learning); false: its mean action
+    then: dict | None = None  # a reset after a successful backward episode (SERL moves the arm home in between)
 
 
 @dataclass

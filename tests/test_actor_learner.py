@@ -283,3 +283,5 @@ def test_sim_train_with_a_learned_reset_trains_the_backward_agent_alongside(tmp_
     rows = json.loads((tmp_path / "run_backward" / "history.json").read_text())["train"]
     steps = np.diff([0] + [r[0] for r in rows])
     assert len(rows) >= 4 and steps.max() <= 40, steps  # each backward episode within max_steps
+    log = proc.stdout + proc.stderr
+    assert "(backward succeeded after" in log and ", then scripted)" in log  # then the arm went home (`then`)

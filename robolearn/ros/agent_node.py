@@ -180,7 +180,8 @@ class AgentNode(LifecycleNode):
             self._diagnostics()
             return FAILURE
         self.lifecycle, self.error = "inactive", ""
-        self.get_logger().info(f"configured: {self.p['checkpoint']} at {self.p['control_hz']:g} Hz")
+        what = self.p["checkpoint"] or "the learner's weights"
+        self.get_logger().info(f"configured ({self.p['mode']}): {what} at {self.p['control_hz']:g} Hz")
         return SUCCESS
 
     def _configure(self) -> None:
@@ -341,7 +342,7 @@ class AgentNode(LifecycleNode):
     def _start_episode(self) -> None:
         seed = self.p["seed"] + self.episodes
         try:
-            self.env.reset(seed=seed)
+            _, info = self.env.reset(seed=seed)
         except (StaleStateError, TimeoutError, RuntimeError) as err:
             with self._lock:
                 self._hold("reset", f"reset failed (retrying): {err}")
@@ -358,7 +359,7 @@ class AgentNode(LifecycleNode):
             self._flush(final=True)  # what is left of the last episode; the next observation opens this one's
             n = self.p["eval_every"]
             self._eval = bool(n) and self.episodes % n == n - 1
-        self.get_logger().info(f"episode {self.episodes}: reset with seed {seed}")
+        self.get_logger().info(f"episode {self.episodes}: reset with seed {seed}{reset_summary(info)}")
         if self._control_timers:  # restart the period grid after the blocking reset
             self._control_timers[0].regrid()
         self._last_tick = None  # an episode's first tick follows a reset, not a period: it reports no interval
@@ -537,6 +538,14 @@ class AgentNode(LifecycleNode):
         status = DiagnosticStatus(level=level, name=f"{self.get_fully_qualified_name()}: control", message=msg,
                                   values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
         self.diag_pub.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
+
+
+def reset_summary(info: dict) -> str:
+    """A learned reset's outcome for the episode log line ('' for other resets)."""
+    if info.get("reset") != "learned":
+        return ""
+    how = "succeeded" if info.get("backward_success") else "failed, fallback ran"
+    return f" (backward {how} after {info.get('steps')} steps{', then ' + info['then']['reset'] if 'then' in info else ''})"
 
 
 def main(argv=None) -> int:

@@ -19,8 +19,9 @@ from robolearn.ros.ros_backend import RosTask, wait_until
 class BackwardReset:
     """ResetHandler; `attach(env)` once the robot env exists (it acts through the env's observe/apply)."""
 
-    def __init__(self, node, cfg, fallback, p: dict, where: str, group=None):
+    def __init__(self, node, cfg, fallback, p: dict, where: str, group=None, after=None):
         self.node, self.cfg, self.fallback, self.p, self.where, self.group = node, cfg, fallback, p, where, group
+        self.after = after  # run after a successful backward episode (`then`): e.g. the arm home
         self.env = self.link = self.policy = self.task = self.classifier = None
         self.index = 0
 
@@ -86,6 +87,8 @@ class BackwardReset:
         info = {"reset": "learned", "steps": steps, "backward_success": success, "backward_return": round(ret, 3)}
         if not success:
             info["fallback"] = self.fallback.reset(rng)
+        elif self.after is not None:
+            info["then"] = self.after.reset(rng)
         return info
 
     def close(self) -> None:

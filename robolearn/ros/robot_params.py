@@ -182,7 +182,11 @@ def build_reset(node, p: dict, arm, task, cfg, group, typed, where: str, parts: 
         from robolearn.ros.backward_reset import BackwardReset
         fallback = build_reset(node, p, arm, task, cfg, group, resets.parse_config(typed.fallback, f"{where}.fallback"),
                                f"{where}.fallback", parts)
-        handler = BackwardReset(node, typed, fallback, p, where, group)
+        after = None
+        if typed.then:
+            after = build_reset(node, p, arm, task, cfg, group, resets.parse_config(typed.then, f"{where}.then"),
+                                f"{where}.then", parts)
+        handler = BackwardReset(node, typed, fallback, p, where, group, after)
         parts.append(handler)
         return handler
     if isinstance(typed, resets.OperatorResetConfig):
