@@ -98,7 +98,8 @@ class Learner:
         self.rng = np.random.default_rng(cfg.seed)
         self.t0, self.minutes_before = time.monotonic(), 0.0  # minutes of earlier runs of this `out`
         self.resumed_from: Path | None = None
-        self._covered: set[str] = set()  # keys in the previous checkpoint (the oldest kept): their inbox files can go
+        self._in_inbox: set[str] = set()  # keys whose episode file is in the inbox
+        self._covered: set[str] = set()  # of those, the ones the previous checkpoint (the oldest kept) holds
         torch.manual_seed(cfg.seed)
         if ckpt_io.last_good(self.out) is not None:
             self._resume()
@@ -170,11 +171,14 @@ class Learner:
         except (KeyError, TypeError, ValueError) as err:
             raise payload.PayloadError(f"episode: metadata needs actor and an integer index ({err!r})") from None
         if key in self.ingested:
+            if stored:  # a file a checkpoint already holds: it goes with the next saves
+                self._in_inbox.add(key)
             return meta, False
         if self.agent is None:
             self._build(spec)
         if not stored:
             ckpt_io.write_bytes(self._inbox_path(key), data)
+        self._in_inbox.add(key)
         T = len(episode["action"])
         self.replay.add_first({k: v[0] for k, v in episode["obs"].items()})
         for t in range(T):
@@ -243,9 +247,10 @@ class Learner:
         ckpt_io.write_json(self.out / "history.json", self.history)
         # Two checkpoints are kept: an episode's file goes once the older one holds it too, so a damaged newest
         # checkpoint (load_newest_good falls back) still finds its episodes in the inbox.
-        for key in self._covered:
+        for key in self._covered:  # only files still there: a save costs the new episodes, not all of them
             self._inbox_path(key).unlink(missing_ok=True)
-        self._covered = set(self.ingested)
+        self._in_inbox -= self._covered
+        self._covered = set(self._in_inbox)
         return path
 
     def summary(self) -> dict:
