@@ -19,6 +19,12 @@ from robolearn.sim.gl import check_headless_context
 ARM_JOINTS = tuple(f"joint{i}" for i in range(1, 8))
 JOINT_PREFIX = "panda_"  # ArmState names the joints as franka_description does: panda_joint1 ...
 FINGER_OPEN = 0.04
+# Nms/rad of braking per rad/s a joint exceeds its velocity limit (SafetyConfig.joint_velocity_limit).
+# A real Panda never exceeds them (it stops with a reflex); without this, the folded arm pressing the
+# table next to the base whipped joint 6 to 8 rad/s and threw the tool 20 mm out of the box
+# (docs/controllers.md, "Known limits"). Explicit in the physics step, so it must stay well below
+# the stability bound (about 2 x the wrist's 0.1 kg m^2 inertia / 2 ms = 100).
+VELOCITY_LIMIT_DAMPING = 20.0
 
 
 class MujocoArm:
@@ -40,6 +46,8 @@ class MujocoArm:
         self.posture = model.key_qpos[self.home_key][self.kin.qpos_adr].copy()
         dofs = slice(int(self.kin.dof_adr[0]), int(self.kin.dof_adr[-1]) + 1)
         self._bias, self._applied = self.data.qfrc_bias[dofs], self.data.qfrc_applied[dofs]
+        self._qvel, self._excess = self.data.qvel[dofs], np.zeros(self.kin.n)
+        self._vmax = np.asarray(safety.joint_velocity_limit[: self.kin.n], dtype=float)
         self._hold = np.zeros(self.kin.n)
         self._renderer: mujoco.Renderer | None = None
 
@@ -59,13 +67,19 @@ class MujocoArm:
             self.data.mocap_quat[0] = quat
 
     def simulate(self, n: int) -> None:
-        """Advance n physics steps; Coriolis/gravity compensation is applied between step1 and step2."""
+        """Advance n physics steps; between step1 and step2: Coriolis/gravity compensation, the held
+        posture torque, and braking of any joint past its velocity limit (VELOCITY_LIMIT_DAMPING)."""
         m, d = self.model, self.data
         # The posture term changes slowly, so it is computed once per control step and held.
         self._hold[:] = nullspace_posture_torque(self.kin, d, self.posture, self.impedance.nullspace_stiffness)
+        qvel, excess, vmax = self._qvel, self._excess, self._vmax
         for _ in range(n):
             mujoco.mj_step1(m, d)
             np.add(self._bias, self._hold, out=self._applied)
+            np.abs(qvel, out=excess)
+            if (excess > vmax).any():
+                np.subtract(qvel, np.clip(qvel, -vmax, vmax), out=excess)
+                self._applied -= VELOCITY_LIMIT_DAMPING * excess
             mujoco.mj_step2(m, d)
 
     def render(self, camera: str, size: int) -> np.ndarray:

@@ -132,19 +132,32 @@ def test_former_violations_stay_safe(env, first, second, steps):
     run(env, 0, [first] * steps + [second] * 5)
 
 
-# Found by test_adversarial_sequences_stay_safe in a full `make test` run on 2026-12-06 (it met it there, not when
-# run alone; alone it also fails with torch.set_flush_denormal(True)); the shrunk sequence below fails alone. Sweeping the table along the
-# near-base wall with the gripper pressing down, then reversing at full action, folds joint 4 to 0.02 rad from its
-# limit and the fingers' contact with the table slides the tool 19.6 mm past x = 0.2. Not fixed yet: docs/controllers.md
-# ("Known limits"). strict: when the controller is fixed this starts passing and must be turned into a plain test.
+# Found by test_adversarial_sequences_stay_safe in a full `make test` run on 2026-12-06: sweeping the table along the
+# near-base wall with the fingers pressing down, then reversing at full action, whipped joint 6 to 8 rad/s (the
+# Panda's limit is 2.61) and the tool went 19.6 mm past x = 0.2. The simulator now brakes joints past their velocity
+# limits, as the real arm never exceeds them (sim/mujoco_arm.py, VELOCITY_LIMIT_DAMPING; docs/controllers.md).
 NEAR_BASE_TABLE_SWEEP = ([(-1.0, 1.0, -1.0, -1.0)] * 23 + [(-1.0, -1.0, -1.0, -1.0), (1.0, 1.0, 1.0, 1.0)] * 2
                          + [(-1.0, -1.0, -1.0, 1.0)] * 5)
 
 
-@pytest.mark.xfail(strict=True, reason="known: 19.6 mm past the box after a near-base table sweep and a full reversal "
-                                       "(docs/controllers.md, Known limits)")
 def test_near_base_table_sweep_with_reversals_stays_safe(env):
     run(env, 0, NEAR_BASE_TABLE_SWEEP)
+
+
+def test_a_joint_past_its_velocity_limit_is_braked(env, monkeypatch):
+    """Joint 6 flung at 8 rad/s (what the sweep above did) is braked; without the brake it keeps most of its speed."""
+    import robolearn.sim.mujoco_arm as mujoco_arm
+
+    def fling(damping: float) -> float:
+        monkeypatch.setattr(mujoco_arm, "VELOCITY_LIMIT_DAMPING", damping)
+        env.reset(seed=0)
+        env.arm.hold()
+        env.arm.data.qvel[env.arm.kin.dof_adr[5]] = 8.0
+        env.arm.simulate(25)  # 50 ms
+        return float(env.arm.data.qvel[env.arm.kin.dof_adr[5]])
+
+    braked, free = fling(mujoco_arm.VELOCITY_LIMIT_DAMPING), fling(0.0)
+    assert braked < 3.0 and free > 6.0, (braked, free)  # braked to 2.4, free 8.3
 
 
 # -- bad actions -----------------------------------------------------------------------------------
