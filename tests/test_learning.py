@@ -2,11 +2,18 @@
 
 The benchmarks' targets (bench/serl_pickcube.py, bench/drqv2_update.py) live in bench/; these
 only prove that the training loop, replay, demos and agents together improve a policy.
+
+SERL's and DrQ-v2's runs are each about three minutes on one core, so DrQ-v2's runs as
+`robolearn train` in its own process (fixture `drqv2_beside`) while SERL's trains in this one:
+both are single-threaded and seeded, so running them side by side changes their wall time,
+not their results.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,11 +27,38 @@ from robolearn.train import TrainConfig, train
 PICK = "robolearn/PandaPickCube-v0"
 ENV_KWARGS = {"terminate_on_success": False}  # SERL's franka_sim: dense reward, 100-step episodes
 
+# DrQ-v2 through the same loop on a dm_control pixel task: cartpole swingup from 64x64 frames
+# (3 stacked) with action repeat 8, as DrQ ran cartpole, and a network small enough for a CPU
+# test. Losses, augmentation, learning rate and the noise schedule's form are DrQ-v2's.
+DRQ_SMALL = dict(hidden_dim=256, conv_channels=16, conv_strides=(2, 2, 1, 1), batch_size=128,
+                 num_seed_frames=4_000, update_every_steps=1, stddev_schedule="linear(1.0,0.1,3000)")
+CARTPOLE = "robolearn/dmc-cartpole_swingup-v0"
+CARTPOLE_KWARGS = {"image_size": 64, "action_repeat": 8}
 
+
+@pytest.fixture(scope="module")
+def drqv2_beside(tmp_path_factory):
+    """Start DrQ-v2's learning run (`robolearn train`, one thread) in its own process; yields it and its run folder."""
+    from robolearn.ros.common import isolated_env  # the network rule: DDS on loopback for whatever a test starts
+
+    out = tmp_path_factory.mktemp("drqv2") / "run"
+    options = [arg for key, value in DRQ_SMALL.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    options += [arg for key, value in CARTPOLE_KWARGS.items() for arg in ("--env-set", f"{key}={value}")]
+    cmd = [sys.executable, "-m", "robolearn.cli", "train", "--agent", "drqv2", "--env", CARTPOLE, "--frames", "16000",
+           "--seed", "0", "--eval-every", "1000", "--eval-episodes", "5", "--checkpoint-every", "100000", "--no-video",
+           "--threads", "1", "--out", str(out), *options]
+    log = out.parent / "log.txt"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env={**isolated_env(), "OMP_NUM_THREADS": "1"})
+    yield proc, out, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.timeout(900)
-def test_serl_from_states_lifts_the_cube_within_a_few_thousand_steps(tmp_path, one_thread):
+def test_serl_from_states_lifts_the_cube_within_a_few_thousand_steps(tmp_path, one_thread, drqv2_beside):
+    # drqv2_beside: DrQ-v2's run trains on the other core meanwhile (the module docstring says why)
     demos = tmp_path / "demos"
     env = rsim.make(PICK, **ENV_KWARGS)
     with DatasetWriter(demos, PICK, env.observation_space, env.action_space, fps=10) as writer:
@@ -43,28 +77,17 @@ def test_serl_from_states_lifts_the_cube_within_a_few_thousand_steps(tmp_path, o
     assert result["reached_target"] and result["env_steps"] < 4_000, (result, history["eval"])
 
 
-# DrQ-v2 through the same loop on a dm_control pixel task: cartpole swingup from 64x64 frames
-# (3 stacked) with action repeat 8, as DrQ ran cartpole, and a network small enough for a CPU
-# test. Losses, augmentation, learning rate and the noise schedule's form are DrQ-v2's.
-DRQ_SMALL = dict(hidden_dim=256, conv_channels=16, conv_strides=(2, 2, 1, 1), batch_size=128,
-                 num_seed_frames=4_000, update_every_steps=1, stddev_schedule="linear(1.0,0.1,3000)")
-CARTPOLE = "robolearn/dmc-cartpole_swingup-v0"
-CARTPOLE_KWARGS = {"image_size": 64, "action_repeat": 8}
-
-
 @pytest.mark.timeout(900)
-def test_drqv2_from_pixels_improves_its_return_within_a_short_run(tmp_path, one_thread):
+def test_drqv2_from_pixels_improves_its_return_within_a_short_run(one_thread, drqv2_beside):
     from robolearn.train import build_agent, evaluate
 
+    proc, out, log = drqv2_beside
     env = rsim.make(CARTPOLE, **CARTPOLE_KWARGS)
-    untrained, _ = build_agent("drqv2", env, DRQ_SMALL, seed=0)  # the weights train() starts from
+    untrained, _ = build_agent("drqv2", env, DRQ_SMALL, seed=0)  # the weights the run starts from
     _, before, _ = evaluate(untrained, env, episodes=5)
     env.close()
-    cfg = TrainConfig(agent="drqv2", env=CARTPOLE, out=str(tmp_path / "run"), frames=16_000, seed=0,
-                      eval_every=1_000, eval_episodes=5, checkpoint_every=100_000, save_replay=False, video=False,
-                      env_kwargs=CARTPOLE_KWARGS, agent_overrides=DRQ_SMALL)
-    train(cfg)
-    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert proc.wait(timeout=840) == 0, log.read_text()[-3000:]
+    history = json.loads((out / "history.json").read_text())
     returns = [ret for _steps, ret, _success, _s in history["eval"]]
     # Untrained, and after the 500 seed steps, the greedy policy scores 60-75 of 1000 (the pole
     # hangs); seeds 0 and 1 reach 186-201 at 16k frames (2000 agent steps).
