@@ -104,6 +104,23 @@ def test_learner_trains_publishes_and_refuses_another_robot(tmp_path, episodes):
         fresh.ingest(payload.pack_episode(eps[1], wrong_agent, {"actor": "/agent", "index": 1}))
 
 
+def test_several_actors_feed_one_learner_each_episode_once(tmp_path, episodes):
+    """Two arms (actors /left and /right) number their episodes from 0: both are stored, each resend is not, and a
+    restarted actor (a new run) counts again; after a restart the learner still tells them apart."""
+    spec, eps = episodes
+    learner = make(tmp_path)
+    assert learner.ingest(packed(spec, eps, 0, actor="/left"))[1] and learner.ingest(packed(spec, eps, 0, actor="/right"))[1]
+    assert not learner.ingest(packed(spec, eps, 0, actor="/left"))[1] and not learner.ingest(packed(spec, eps, 0, actor="/right"))[1]
+    assert learner.ingest(packed(spec, eps, 0, actor="/left", run=1))[1]  # /left restarted: its index 0 again
+    assert learner.env_steps == 36 and learner.replay.num_episodes == 3
+    assert learner.ingested == {"/left/0/0", "/right/0/0", "/left/1/0"}
+    learner.save()
+    del learner
+    again = make(tmp_path)
+    assert again.ingested == {"/left/0/0", "/right/0/0", "/left/1/0"} and again.env_steps == 36
+    assert not again.ingest(packed(spec, eps, 0, actor="/right"))[1] and again.ingest(packed(spec, eps, 1, actor="/right"))[1]
+
+
 def test_restart_resumes_from_checkpoint_and_reads_the_inbox(tmp_path, episodes):
     """An episode acknowledged after the last checkpoint is not lost to a kill: its inbox file is read again."""
     spec, eps = episodes
