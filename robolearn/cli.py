@@ -44,7 +44,12 @@ def cmd_rollout(args) -> int:
     if args.record:
         _check_writable(args.record, "--record", "dir")
     env = make(args.env, render_mode="rgb_array" if args.video else None, **_parse_overrides(args.env_set))
-    policy = rollout.POLICIES[args.policy](env)
+    if args.backward is not None:
+        from robolearn.sim.backward import BackwardTask
+        env = BackwardTask(env, max_steps=args.backward)
+        policy = env.scripted_policy() if args.policy == "scripted" else rollout.random_policy(env)
+    else:
+        policy = rollout.POLICIES[args.policy](env)
     recorder = None
     if args.record:
         recorder = DatasetWriter(args.record, args.env, env.observation_space, env.action_space,
@@ -52,7 +57,8 @@ def cmd_rollout(args) -> int:
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("success {task.fields[rate]:.0%}"), TimeElapsedColumn()]
     with Progress(*columns) as progress:
-        bar = progress.add_task(f"{args.policy} on {args.env}", total=args.episodes, rate=0.0)
+        what = f"{args.env} (backward)" if args.backward is not None else args.env
+        bar = progress.add_task(f"{args.policy} on {what}", total=args.episodes, rate=0.0)
         res = rollout.run_episodes(env, policy, args.episodes, seed=args.seed,
                                    video_episode=0 if args.video else None,
                                    on_episode=lambda r: progress.update(bar, advance=1, rate=r.success_rate),
@@ -413,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "e.g. scripted demonstrations for --demos")
     p.add_argument("--env-set", action="append", metavar="KEY=VALUE",
                    help="env option, e.g. reward_type=sparse or image_size=64 (record demos as you will train)")
+    p.add_argument("--backward", type=int, metavar="MAX_STEPS", nargs="?", const=40,
+                   help="run the task's backward (reset) task instead, episodes of at most MAX_STEPS (default 40, "
+                        "as launch/config/backward_reset.yaml): each starts where the forward expert leaves the "
+                        "scene after 0-60 steps, rewards are the task's reset_score, scripted is its backward "
+                        "expert; with --record, demos for a learned reset's learner (docs/resets.md)")
     p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("train", help="train an agent in simulation",

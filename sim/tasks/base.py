@@ -36,6 +36,10 @@ class Task:
         """A scripted expert: a callable obs -> action using privileged simulator state."""
         raise NotImplementedError(f"{type(self).__name__} has no scripted expert")
 
+    def reset_expert(self, env):
+        """A scripted expert for the backward task of `reset_score` (backward demonstrations)."""
+        raise NotImplementedError(f"{type(self).__name__} has no scripted backward expert")
+
 
 def move_action(env, goal: np.ndarray, gain: float = 1.0) -> np.ndarray:
     """Normalized (dx, dy, dz) that moves the tool toward `goal` (proportional, clipped)."""

@@ -84,6 +84,9 @@ class PickCube(Task):
     def expert(self, env):
         return PickCubeExpert(self, env)
 
+    def reset_expert(self, env):
+        return PickCubeResetExpert(self, env)
+
 
 class PickCubeExpert:
     """Above the cube, down, close, lift: a phase machine on privileged cube and tool state."""
@@ -113,4 +116,59 @@ class PickCubeExpert:
                 self.phase = "lift"
         if self.phase == "lift":
             goal, grip = np.array([cube[0], cube[1], 0.3]), 1.0
+        return np.append(move_action(env, goal), grip).astype(np.float32)
+
+
+class PickCubeResetExpert:
+    """The backward task's expert: carry the cube into its start region (grasping it first if it rests outside),
+    put it down, open, and lift the gripper clear; a phase machine on privileged state, as PickCubeExpert."""
+
+    MARGIN = 0.03  # put the cube down this far inside the region's edges
+
+    def __init__(self, task: PickCube, env):
+        self.task, self.env = task, env
+        self.phase, self.count = None, 0
+
+    def _start(self, cube, tool) -> str:
+        half = self.task.cfg.cube_half_size
+        held = cube[2] - half > 0.01 and self.env.arm.gripper_width() < 2 * half + 0.01
+        inside = np.all(cube[:2] >= self.task.cfg.region_low) and np.all(cube[:2] <= self.task.cfg.region_high)
+        return "carry" if held else "release" if inside else "approach"
+
+    def __call__(self, obs) -> np.ndarray:
+        from robolearn.sim.tasks.base import move_action
+        env, cfg = self.env, self.task.cfg
+        cube, tool, half = self.task.cube_pos(env.arm), env.arm.tool_pos(), cfg.cube_half_size
+        if env.elapsed_steps == 0 or self.phase is None:
+            self.phase, self.count = self._start(cube, tool), 0
+        place = np.clip(cube[:2], np.add(cfg.region_low, self.MARGIN), np.subtract(cfg.region_high, self.MARGIN))
+        goal, grip = tool, 1.0
+        if self.phase == "approach":
+            goal, grip = cube + [0, 0, 0.08], -1.0
+            if np.linalg.norm((tool - goal)[:2]) < 0.01 and abs(tool[2] - goal[2]) < 0.02:
+                self.phase = "descend"
+        if self.phase == "descend":
+            goal, grip = cube + [0, 0, 0.002], -1.0
+            if np.linalg.norm(tool - goal) < 0.008:
+                self.phase, self.count = "grasp", 0
+        if self.phase == "grasp":
+            goal, grip = cube + [0, 0, 0.002], 1.0
+            self.count += 1
+            if self.count >= 3:
+                self.phase = "carry"
+        if self.phase == "carry":
+            goal = np.array([place[0], place[1], max(cube[2], half + 0.03)])
+            if np.linalg.norm((cube[:2] - place)) < 0.01:
+                self.phase = "lower"
+        if self.phase == "lower":
+            goal = np.array([place[0], place[1], half + 0.002])
+            if cube[2] - half < 0.004:
+                self.phase, self.count = "release", 0
+        if self.phase == "release":
+            goal, grip = tool, -1.0
+            self.count += 1
+            if self.count >= 3:
+                self.phase = "clear"
+        if self.phase == "clear":
+            goal, grip = np.array([tool[0], tool[1], cube[2] + half + 0.12]), -1.0
         return np.append(move_action(env, goal), grip).astype(np.float32)
