@@ -88,6 +88,29 @@ class PickCube(Task):
         return PickCubeResetExpert(self, env)
 
 
+GRASP_PHASES = ("approach", "descend", "grasp")
+
+
+def grasp_step(phase: str, closed_for: int, cube: np.ndarray, tool: np.ndarray, then: str):
+    """One step of the phases both experts share: above the cube, down, close for 3 steps, then phase `then`.
+    Returns (phase, closed_for, goal, grip); goal is None once the phase is `then` (its caller's to set)."""
+    goal, grip = None, -1.0
+    if phase == "approach":
+        goal = cube + [0, 0, 0.08]
+        if np.linalg.norm((tool - goal)[:2]) < 0.01 and abs(tool[2] - goal[2]) < 0.02:
+            phase = "descend"
+    if phase == "descend":
+        goal = cube + [0, 0, 0.002]
+        if np.linalg.norm(tool - goal) < 0.008:
+            phase, closed_for = "grasp", 0
+    if phase == "grasp":
+        goal, grip = cube + [0, 0, 0.002], 1.0
+        closed_for += 1
+        if closed_for >= 3:
+            phase = then
+    return phase, closed_for, goal, grip
+
+
 class PickCubeExpert:
     """Above the cube, down, close, lift: a phase machine on privileged cube and tool state."""
 
@@ -100,20 +123,9 @@ class PickCubeExpert:
         env, cube = self.env, self.task.cube_pos(self.env.arm)
         if env.elapsed_steps == 0:
             self.phase, self.closed_for = "approach", 0
-        tool, grip = env.arm.tool_pos(), -1.0
-        if self.phase == "approach":
-            goal = cube + [0, 0, 0.08]
-            if np.linalg.norm((tool - goal)[:2]) < 0.01 and abs(tool[2] - goal[2]) < 0.02:
-                self.phase = "descend"
-        if self.phase == "descend":
-            goal = cube + [0, 0, 0.002]
-            if np.linalg.norm(tool - goal) < 0.008:
-                self.phase = "grasp"
-        if self.phase == "grasp":
-            goal, grip = cube + [0, 0, 0.002], 1.0
-            self.closed_for += 1
-            if self.closed_for >= 3:
-                self.phase = "lift"
+        tool, goal, grip = env.arm.tool_pos(), None, -1.0
+        if self.phase in GRASP_PHASES:
+            self.phase, self.closed_for, goal, grip = grasp_step(self.phase, self.closed_for, cube, tool, "lift")
         if self.phase == "lift":
             goal, grip = np.array([cube[0], cube[1], 0.3]), 1.0
         return np.append(move_action(env, goal), grip).astype(np.float32)
@@ -143,19 +155,8 @@ class PickCubeResetExpert:
             self.phase, self.count = self._start(cube, tool), 0
         place = np.clip(cube[:2], np.add(cfg.region_low, self.MARGIN), np.subtract(cfg.region_high, self.MARGIN))
         goal, grip = tool, 1.0
-        if self.phase == "approach":
-            goal, grip = cube + [0, 0, 0.08], -1.0
-            if np.linalg.norm((tool - goal)[:2]) < 0.01 and abs(tool[2] - goal[2]) < 0.02:
-                self.phase = "descend"
-        if self.phase == "descend":
-            goal, grip = cube + [0, 0, 0.002], -1.0
-            if np.linalg.norm(tool - goal) < 0.008:
-                self.phase, self.count = "grasp", 0
-        if self.phase == "grasp":
-            goal, grip = cube + [0, 0, 0.002], 1.0
-            self.count += 1
-            if self.count >= 3:
-                self.phase = "carry"
+        if self.phase in GRASP_PHASES:
+            self.phase, self.count, goal, grip = grasp_step(self.phase, self.count, cube, tool, "carry")
         if self.phase == "carry":
             goal = np.array([place[0], place[1], max(cube[2], half + 0.03)])
             if np.linalg.norm((cube[:2] - place)) < 0.01:
