@@ -18,6 +18,16 @@ from robolearn.launch_xml import LaunchError, NodeSpec, find_launch_file, load, 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
 
 
+def isolated_env(base: dict | None = None) -> dict:
+    """A copy of the environment with DDS kept on loopback in a random domain (tests, benchmarks).
+    Here, not in robolearn.ros, so that code without the ROS extra can start processes by the same rule."""
+    import random
+    env = dict(os.environ if base is None else base)
+    env.update(ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_LOCALHOST_ONLY="1",
+               ROS_DOMAIN_ID=str(random.randint(20, 200)))
+    return env
+
+
 @dataclass(eq=False)
 class _Running:
     spec: NodeSpec

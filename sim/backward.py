@@ -21,8 +21,9 @@ class BackwardTask(gym.Wrapper):
         super().__init__(env)
         base = env.unwrapped
         name = getattr(base, "env_id", type(base).__name__)
-        if not hasattr(base, "task") or base.task.reset_score(base.arm) is None:
-            raise ValueError(f"{name} has no backward task (its task defines no reset_score)")
+        score = getattr(getattr(base, "task", None), "reset_score", None)
+        if score is None or not hasattr(base, "arm") or score(base.arm) is None:
+            raise ValueError(f"{name} has no backward task (only a robolearn Panda task that defines reset_score has)")
         if max_steps < 1 or forward_steps < 0:
             raise ValueError(f"{name} backward task: max_steps must be >= 1 and forward_steps >= 0, "
                              f"got {max_steps} and {forward_steps}")

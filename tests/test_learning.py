@@ -39,7 +39,7 @@ CARTPOLE_KWARGS = {"image_size": 64, "action_repeat": 8}
 @pytest.fixture(scope="module")
 def drqv2_beside(tmp_path_factory):
     """Start DrQ-v2's learning run (`robolearn train`, one thread) in its own process; yields it and its run folder."""
-    from robolearn.ros.common import isolated_env  # the network rule: DDS on loopback for whatever a test starts
+    from robolearn.launcher import isolated_env  # the network rule: DDS on loopback for whatever a test starts
 
     out = tmp_path_factory.mktemp("drqv2") / "run"
     options = [arg for key, value in DRQ_SMALL.items() for arg in ("--set", f"{key}={json.dumps(value)}")]

@@ -127,14 +127,7 @@ def spin(executor, stop: threading.Event, logger) -> None:
             logger.error(f"executor: {err!r}", throttle_duration_sec=1.0)
 
 
-def isolated_env(base: dict | None = None) -> dict:
-    """A copy of the environment with DDS kept on loopback in a random domain (tests, benchmarks)."""
-    import os
-    import random
-    env = dict(os.environ if base is None else base)
-    env.update(ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_LOCALHOST_ONLY="1",
-               ROS_DOMAIN_ID=str(random.randint(20, 200)))
-    return env
+from robolearn.launcher import isolated_env  # noqa: E402,F401  (kept here for the nodes' and tests' imports)
 
 
 # --- added for sim_robot_node: camera topics, the simulator's clock, image conversion -------------

@@ -93,7 +93,8 @@ GRASP_PHASES = ("approach", "descend", "grasp")
 
 def grasp_step(phase: str, closed_for: int, cube: np.ndarray, tool: np.ndarray, then: str):
     """One step of the phases both experts share: above the cube, down, close for 3 steps, then phase `then`.
-    Returns (phase, closed_for, goal, grip); goal is None once the phase is `then` (its caller's to set)."""
+    Returns (phase, closed_for, goal, grip); the caller sets the goal of phase `then` (on the step that
+    switches to it, the grasp goal is returned)."""
     goal, grip = None, -1.0
     if phase == "approach":
         goal = cube + [0, 0, 0.08]
@@ -141,7 +142,7 @@ class PickCubeResetExpert:
         self.task, self.env = task, env
         self.phase, self.count = None, 0
 
-    def _start(self, cube, tool) -> str:
+    def _start(self, cube) -> str:
         half = self.task.cfg.cube_half_size
         held = cube[2] - half > 0.01 and self.env.arm.gripper_width() < 2 * half + 0.01
         inside = np.all(cube[:2] >= self.task.cfg.region_low) and np.all(cube[:2] <= self.task.cfg.region_high)
@@ -152,7 +153,7 @@ class PickCubeResetExpert:
         env, cfg = self.env, self.task.cfg
         cube, tool, half = self.task.cube_pos(env.arm), env.arm.tool_pos(), cfg.cube_half_size
         if env.elapsed_steps == 0 or self.phase is None:
-            self.phase, self.count = self._start(cube, tool), 0
+            self.phase, self.count = self._start(cube), 0
         place = np.clip(cube[:2], np.add(cfg.region_low, self.MARGIN), np.subtract(cfg.region_high, self.MARGIN))
         goal, grip = tool, 1.0
         if self.phase in GRASP_PHASES:
