@@ -82,11 +82,17 @@ class TeleopInput:
     events: tuple[str, ...] = ()
     connected: bool = True
     reason: str = ""  # why it is not connected
+    held: tuple[int, ...] = ()  # raw indices of the buttons held down now (devices with buttons)
 
     @property
     def active(self) -> bool:
         """The operator is commanding something now (intervention mode hands control over)."""
         return bool(np.any(self.motion != 0.0)) or self.gripper is not None
+
+    def takes_over(self, button: int) -> bool:
+        """Whether the operator has control: while `button` is held (a dead-man switch), or, for button -1,
+        whenever they command something (HIL-SERL's rule)."""
+        return self.connected and (self.active if button < 0 else button in self.held)
 
     def action(self, gripper_now: float, dim: int = 4) -> np.ndarray:
         """The env action: motion plus this reading's gripper command, or `gripper_now` without one."""
@@ -104,6 +110,11 @@ def shape_motion(raw: Sequence[float], cfg: TeleopConfig) -> np.ndarray:
         if axis in cfg.lock:
             v[i] = 0.0
     return np.clip(v, -1.0, 1.0).astype(np.float32)
+
+
+def held_buttons(buttons: Sequence[int]) -> tuple[int, ...]:
+    """Indices of the buttons pressed in a raw button array."""
+    return tuple(i for i, b in enumerate(buttons) if b)
 
 
 def button_edges(buttons: Sequence[int], previous: Sequence[int], mapping: Mapping[str, int]) -> list[str]:
@@ -147,6 +158,7 @@ class TeleopDevice:
     human = True        # paced at the control rate by the recorder
     autostart = False   # starts each episode by itself (a scripted policy)
     start_hint = "press Enter"  # how the operator starts and stops an episode with this device
+    has_buttons = False  # reports held buttons (TeleopInput.held): can serve a dead-man intervention button
     help = ""           # one line for the recorder's banner
     default_config = TeleopConfig()
 

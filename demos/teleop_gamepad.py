@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from robolearn.demos.teleop import (TeleopConfig, TeleopDevice, TeleopError, TeleopInput, button_edges,
+from robolearn.demos.teleop import (TeleopConfig, TeleopDevice, TeleopError, TeleopInput, button_edges, held_buttons,
                                     default_buttons, require, split_buttons)
 
 
@@ -30,13 +30,14 @@ def map_gamepad(axes: Sequence[float], buttons: Sequence[int], previous: Sequenc
     """Raw pad state -> unshaped TeleopInput; buttons act on the press (released -> pressed)."""
     raw = [sign * float(axes[i]) if 0 <= i < len(axes) else 0.0 for i, sign in mapping.axes]
     gripper, events = split_buttons(button_edges(buttons, previous, mapping.buttons))
-    return TeleopInput(np.asarray(raw, np.float32), gripper, events)
+    return TeleopInput(np.asarray(raw, np.float32), gripper, events, held=held_buttons(buttons))
 
 
 class GamepadDevice(TeleopDevice):
     """A pygame joystick; unplugging it stops motion until it is plugged back in."""
 
     name = "gamepad"
+    has_buttons = True
     help = ("left stick: x/y   right stick up/down: z   RB/LB: close/open gripper\n"
             "A: start/stop episode   Y: success   B: failure   X: discard and re-record   Start: quit")
     default_config = TeleopConfig(deadzone=0.1)

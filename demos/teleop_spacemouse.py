@@ -14,7 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from robolearn.demos.teleop import (TeleopConfig, TeleopDevice, TeleopError, TeleopInput, button_edges, require,
+from robolearn.demos.teleop import (TeleopConfig, TeleopDevice, TeleopError, TeleopInput, button_edges, held_buttons,
+                                    require,
                                     split_buttons)
 
 VENDOR_IDS = (0x046D, 0x256F)  # Logitech (older 3Dconnexion devices) and 3Dconnexion
@@ -64,13 +65,14 @@ def map_spacemouse(translation: Sequence[float], buttons: Sequence[int], previou
     """Raw SpaceMouse state -> unshaped TeleopInput (motion clipped to [-1, 1])."""
     raw = np.array([sign * float(translation[i]) / mapping.full_scale for i, sign in mapping.axes])
     gripper, events = split_buttons(button_edges(buttons, previous, mapping.buttons))
-    return TeleopInput(np.clip(raw, -1.0, 1.0).astype(np.float32), gripper, events)
+    return TeleopInput(np.clip(raw, -1.0, 1.0).astype(np.float32), gripper, events, held=held_buttons(buttons))
 
 
 class SpaceMouseDevice(TeleopDevice):
     """The first 3Dconnexion HID device found (or `path`); unplugged = motion stopped, retried each second."""
 
     name = "spacemouse"
+    has_buttons = True
     help = "push/pull the cap: x/y/z   left button: close gripper   right button: open gripper"
     default_config = TeleopConfig(deadzone=0.1)
 

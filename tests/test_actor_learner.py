@@ -17,6 +17,7 @@ from ros_processes import stop_node
 rclpy = pytest.importorskip("rclpy", reason="the ROS 2 wheels (extra `ros`) are not installed")
 from geometry_msgs.msg import TwistStamped  # noqa: E402
 from rclpy.context import Context  # noqa: E402
+from sensor_msgs.msg import Joy  # noqa: E402
 from std_msgs.msg import Float64MultiArray, UInt8MultiArray  # noqa: E402
 
 from robolearn import payload  # noqa: E402
@@ -51,6 +52,7 @@ class Probe:
         self.node.create_subscription(Float64MultiArray, "agent/steps", self._on_step, 1000)
         self.node.create_subscription(UInt8MultiArray, common.EPISODES, self._on_episode, common.PAYLOAD_QOS)
         self.twist = self.node.create_publisher(TwistStamped, "teleop/twist", 10)
+        self.joy = self.node.create_publisher(Joy, "teleop/joy", 10)
         self.weights = self.node.create_publisher(UInt8MultiArray, common.WEIGHTS, common.WEIGHTS_QOS)
         self.executor = rclpy.executors.SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
@@ -180,6 +182,39 @@ def test_intervention_steps_are_flagged_and_rlif_rewards_the_takeover(world, tmp
         starts = np.flatnonzero(~ep["intervention"][:-1] & ep["intervention"][1:])
         assert set(np.flatnonzero(ep["reward"] == -1.0)) == set(starts)  # RLIF: -1 where the human took over
         assert np.all(ep["reward"][np.setdiff1d(np.arange(len(ep["reward"])), starts)] == 0.0)
+
+
+def test_with_a_dead_man_button_only_held_steps_are_the_operators(world, tmp_path):
+    """intervention_button:=0: the operator's twist streams all along, but control passes only while Joy button 0
+    is held (as a joy driver repeats it at 20 Hz); a device without buttons is refused at configure."""
+    env, log, sim, probe = world
+    refused = subprocess.run([sys.executable, "-m", "robolearn.ros.agent_node", "--ros-args", "-p", "mode:=train",
+                              "-p", "teleop_device:=keyboard", "-p", "intervention_button:=0"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "parameter intervention_button: teleop_device 'keyboard' reports no held buttons" in refused.stderr
+    actor = start("agent_node", env, "mode:=train", "teleop_device:=ros", "intervention_button:=0",
+                  "resend_s:=30.0", "publish_steps:=true", *FAST, log=log)
+    try:
+        wait_for(lambda: probe.steps, 60, "the actor's first step", (sim, actor))
+        t_end = time.monotonic() + 3.0
+        while time.monotonic() < t_end:  # +x all along; button 0 held for 0.8 s out of every 1.6 s
+            probe.twist.publish(common.twist_msg([1.0, 0.0, 0.0], [0.0, 0.0, 0.0], 0.0, "base"))
+            joy = Joy()
+            joy.buttons = [int((time.monotonic() % 1.6) < 0.8)] + [0] * 7
+            probe.joy.publish(joy)
+            time.sleep(0.05)
+        wait_for(lambda: len(probe.episodes) >= 3, 60, "three episodes", (sim, actor))
+    finally:
+        stop(actor)
+    eps = [payload.unpack_episode(d)[0] for d in probe.episodes]
+    flags = np.concatenate([e["intervention"] for e in eps])
+    actions = np.concatenate([e["action"] for e in eps])
+    assert 0 < flags.sum() < len(flags), "some but not all steps are the operator's"
+    taken, policy = actions[flags], actions[~flags]
+    assert np.all(taken[:, 0] > 0.5) and np.allclose(taken[:, 1:3], 0.0)  # the operator's +x while held
+    operator_like = np.all(np.isclose(policy[:, 1:3], 0.0), axis=1) & (policy[:, 0] > 0.5)
+    assert operator_like.mean() < 0.2, "with the button released the twist must not steer the arm"
 
 
 def test_actor_refuses_weights_for_another_agent(world, tmp_path):

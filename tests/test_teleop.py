@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from robolearn.demos.teleop import (TeleopConfig, TeleopError, UnknownDeviceError, device_class, device_names,
+from robolearn.demos.teleop import (TeleopConfig, TeleopError, TeleopInput, UnknownDeviceError, device_class, device_names,
                                     make_device, require, shape_motion)
 from robolearn.demos.teleop_gamepad import GamepadMapping, map_gamepad
 from robolearn.demos.teleop_keyboard import KeyboardDevice, KeyState, parse_keys
@@ -73,6 +73,22 @@ def test_gamepad_mapping_sticks_and_button_presses():
     # a drifting stick reads zero through the gamepad's default deadzone
     dev_cfg = device_class("gamepad").default_config
     np.testing.assert_allclose(shape_motion(map_gamepad([0.05, -0.08, 0, 0, 0.02], [], [], m).motion, dev_cfg), 0)
+
+
+def test_held_buttons_make_a_dead_man_switch():
+    """TeleopInput.held: the buttons down now (not only the presses); takes_over(b) is true only while b is held
+    on a connected device, and takes_over(-1) is HIL-SERL's rule (any command)."""
+    m = GamepadMapping()
+    inp = map_gamepad([0.0] * 6, [1, 0, 0, 0, 0, 1, 0, 0], [1, 0, 0, 0, 0, 1, 0, 0], m)  # A and RB still held
+    assert inp.held == (0, 5) and inp.takes_over(0) and inp.takes_over(5) and not inp.takes_over(2)
+    assert not inp.active and not inp.takes_over(-1)  # held, no motion, no new press: not a command
+    moving = map_gamepad([0.0, -0.5] + [0.0] * 4, [0] * 8, [0] * 8, m)
+    assert moving.takes_over(-1) and not moving.takes_over(0)  # moving without the dead-man button
+    assert map_spacemouse([0, 0, 0], [0, 1], [0, 1], SpaceMouseMapping()).held == (1,)
+    lost = TeleopInput(held=(0,), connected=False)
+    assert not lost.takes_over(0)
+    assert device_class("gamepad").has_buttons and device_class("spacemouse").has_buttons
+    assert device_class("ros").has_buttons and not device_class("keyboard").has_buttons
 
 
 def test_spacemouse_reports_and_mapping():
@@ -257,7 +273,13 @@ def test_ros_topic_source_real_messages_and_disconnect(ros_publisher):
         joy.publish(_joy(3, 5))  # Y (success) and RB (close) pressed
         seen = _wait(lambda: (lambda i: i if i.events else None)(dev.read()),
                      tick=lambda: twist.publish(_twist(0.5, 0, 0)))
-        assert seen.events == ("success",) and seen.gripper == 1.0
+        assert seen.events == ("success",) and seen.gripper == 1.0 and seen.held == (3, 5)
+        t_end = time.monotonic() + 0.45  # the joy stream goes silent while the twist goes on: the buttons let go
+        while time.monotonic() < t_end:
+            twist.publish(_twist(0.5, 0, 0))
+            time.sleep(0.05)
+        quiet = dev.read()
+        assert quiet.connected and quiet.held == ()
         time.sleep(0.5)  # the publisher stops: past the timeout the device reads disconnected, motion zero
         lost = dev.read()
         assert not lost.connected and f"{ns}/twist" in lost.reason and "timeout 0.3 s" in lost.reason

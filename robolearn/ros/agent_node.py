@@ -45,6 +45,9 @@ PARAMS = {  # name: (default, description); docs/ros.md lists them
     "max_unacked_mb": (1024.0, "mode train: MB of episodes kept for the learner; beyond, the oldest is dropped with "
                                "an error"),
     "teleop_device": ("", "mode train: intervention device (keyboard, gamepad, spacemouse, ros); empty: none"),
+    "intervention_button": (-1, "mode train: the operator has control only while this raw button index of "
+                                "teleop_device is held (a dead-man switch; gamepad, spacemouse, ros Joy); -1: whenever "
+                                "they command motion or the gripper (HIL-SERL's rule)"),
     "reward_source": ("task", "mode train: task (task/reward, task/success), classifier (a reward classifier run here), "
                               "operator (a key or ~/success marks success) or rlif (-1 where a human takes over)"),
     **REWARD_PARAMS,
@@ -230,8 +233,14 @@ class AgentNode(LifecycleNode):
                 raise ValueError(f"parameter {name}: {p[name]} must be positive")
         if p["eval_every"] < 0:
             raise ValueError(f"parameter eval_every: {p['eval_every']} must be 0 or more")
+        if p["intervention_button"] < -1 or (p["intervention_button"] >= 0 and not p["teleop_device"]):
+            raise ValueError(f"parameter intervention_button: {p['intervention_button']} needs a teleop_device and "
+                             "is a button index (0 or more) or -1")
         if p["teleop_device"]:
-            from robolearn.demos.teleop import make_device
+            from robolearn.demos.teleop import device_class, make_device
+            if p["intervention_button"] >= 0 and not device_class(p["teleop_device"]).has_buttons:
+                raise ValueError(f"parameter intervention_button: teleop_device {p['teleop_device']!r} reports no "
+                                 "held buttons; use gamepad, spacemouse or ros (sensor_msgs/Joy), or -1")
             self.device = make_device(p["teleop_device"])
             self._parts.append(self.device)
         self.policy = RemotePolicy(env, p["seed"], self.agent, self.agent.config_dict() if self.agent else None)
@@ -416,7 +425,7 @@ class AgentNode(LifecycleNode):
         first weights and during its seed steps); deterministic in deploy mode and in eval episodes."""
         if self.device is not None:
             inp = self.device.read(obs)
-            if inp.active:
+            if inp.takes_over(self.p["intervention_button"]):
                 self.interventions += 1
                 closed = obs["state"][6] < 0.5 * self.p["gripper_max_opening"]  # state: pos, vel, opening, ...
                 action = inp.action(1.0 if closed else -1.0)  # motion (3) and gripper

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from robolearn.demos.teleop import (TeleopConfig, TeleopDevice, TeleopInput, button_edges, default_buttons,
+from robolearn.demos.teleop import (TeleopConfig, TeleopDevice, TeleopInput, button_edges, default_buttons, held_buttons,
                                     require, split_buttons)
 
 
@@ -21,6 +21,7 @@ class RosTopicDevice(TeleopDevice):
     """Subscribes `twist_topic` (TwistStamped) and `joy_topic` (Joy, same button layout as the gamepad)."""
 
     name = "ros"
+    has_buttons = True
     help = "motion: geometry_msgs/TwistStamped on {twist}; buttons: sensor_msgs/Joy on {joy}"
     default_config = TeleopConfig()
 
@@ -39,6 +40,7 @@ class RosTopicDevice(TeleopDevice):
         self._lock = threading.Lock()
         self._twist, self._twist_at = np.zeros(3), None
         self._joy_prev: list[int] = []
+        self._held, self._joy_at = (), None
         self._gripper, self._events = None, []
 
         self.start_hint = f"press button {self.buttons['start_stop']} on {joy_topic} (sensor_msgs/Joy)"
@@ -74,6 +76,7 @@ class RosTopicDevice(TeleopDevice):
         gripper, events = split_buttons(button_edges(buttons, self._joy_prev, self.buttons))
         self._joy_prev = buttons
         with self._lock:
+            self._held, self._joy_at = held_buttons(buttons), time.monotonic()
             if gripper is not None:
                 self._gripper = gripper
             self._events.extend(events)
@@ -81,7 +84,9 @@ class RosTopicDevice(TeleopDevice):
     def poll(self, obs) -> TeleopInput:
         with self._lock:
             twist, at = self._twist.copy(), self._twist_at
-            gripper, events = self._gripper, tuple(self._events)
+            gripper, events, held = self._gripper, tuple(self._events), self._held
+            if self._joy_at is None or time.monotonic() - self._joy_at > self.config.timeout_s:
+                held = ()  # a joy driver repeats held buttons (autorepeat_rate); silence lets go of them
             self._gripper, self._events = None, []
         if at is None:
             return TeleopInput(events=events, connected=False,
@@ -91,7 +96,7 @@ class RosTopicDevice(TeleopDevice):
             return TeleopInput(events=events, connected=False,
                                reason=f"ros: no message on {self.twist_topic} for {age:.1f} s "
                                       f"(timeout {self.config.timeout_s:g} s)")
-        return TeleopInput(np.clip(twist, -1.0, 1.0).astype(np.float32), gripper, events)
+        return TeleopInput(np.clip(twist, -1.0, 1.0).astype(np.float32), gripper, events, held=held)
 
     def close(self) -> None:
         if self._ctx is None:
