@@ -15,8 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from robolearn.demos.teleop import (TeleopConfig, TeleopDevice, TeleopError, TeleopInput, button_edges, held_buttons,
-                                    require,
-                                    split_buttons)
+                                    require, split_buttons)
 
 VENDOR_IDS = (0x046D, 0x256F)  # Logitech (older 3Dconnexion devices) and 3Dconnexion
 

@@ -29,23 +29,20 @@ class BackwardTask(gym.Wrapper):
                              f"got {max_steps} and {forward_steps}")
         self.base, self.max_steps, self.forward_steps = base, max_steps, forward_steps
         self.forward = base.task.expert(base)
-        self.steps = 0
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        _, info = self.env.reset(seed=seed, options=options)
-        rng = np.random.default_rng(seed)
-        obs = self.base.observe()
-        k = int(rng.integers(0, self.forward_steps + 1))
+        obs, info = self.env.reset(seed=seed, options=options)
+        k = int(np.random.default_rng(seed).integers(0, self.forward_steps + 1))
         for _ in range(k):
             obs, *_ = self.env.step(self.forward(obs))
-        self.base.elapsed_steps = self.steps = 0  # the backward episode starts here
-        return self.base.observe(), {**info, "forward_steps": k}
+        self.base.elapsed_steps = 0  # the backward episode starts here
+        return obs, {**info, "forward_steps": k}
 
     def step(self, action):
         obs, _, _, _, info = self.env.step(action)
-        self.steps += 1
         reward, success = self.base.task.reset_score(self.base.arm)
-        return obs, float(reward), bool(success), self.steps >= self.max_steps, {**info, "success": bool(success)}
+        truncated = self.base.elapsed_steps >= self.max_steps
+        return obs, float(reward), bool(success), truncated, {**info, "success": bool(success)}
 
     def scripted_policy(self):
         return self.base.task.reset_expert(self.base)

@@ -15,6 +15,8 @@ from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityP
                        qos_profile_sensor_data)
 from sensor_msgs.msg import JointState
 
+from robolearn.launcher import isolated_env  # noqa: F401  (defined there, without ROS; nodes and tests import it here)
+
 # Defaults of the topic parameters (each node exposes them as ROS parameters).
 JOINT_STATES = "joint_states"  # sensor_msgs/JointState, reliable (joint_state_broadcaster)
 TOOL_POSE = "current_pose"  # geometry_msgs/PoseStamped, best effort (franka_robot_state_broadcaster)
@@ -125,9 +127,6 @@ def spin(executor, stop: threading.Event, logger) -> None:
             executor.spin_once(timeout_sec=0.1)
         except Exception as err:
             logger.error(f"executor: {err!r}", throttle_duration_sec=1.0)
-
-
-from robolearn.launcher import isolated_env  # noqa: E402,F401  (kept here for the nodes' and tests' imports)
 
 
 # --- added for sim_robot_node: camera topics, the simulator's clock, image conversion -------------

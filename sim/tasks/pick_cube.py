@@ -65,6 +65,10 @@ class PickCube(Task):
     def object_state(self, arm) -> np.ndarray:
         return self.cube_pos(arm)
 
+    def in_region(self, xy) -> bool:
+        """Whether a cube position (x, y) lies inside the region its episodes start from."""
+        return bool(np.all(xy >= self.cfg.region_low) and np.all(xy <= self.cfg.region_high))
+
     def score(self, arm):
         cube, tool = self.cube_pos(arm), arm.tool_pos()
         lift = cube[2] - self.cfg.cube_half_size
@@ -77,9 +81,8 @@ class PickCube(Task):
         cube, tool = self.cube_pos(arm), arm.tool_pos()
         lift = cube[2] - self.cfg.cube_half_size
         clearance = tool[2] - cube[2] - self.cfg.cube_half_size
-        inside = bool(np.all(cube[:2] >= self.cfg.region_low) and np.all(cube[:2] <= self.cfg.region_high))
         reward = 0.5 * (1 - np.clip(lift / 0.1, 0, 1)) + 0.5 * np.clip(clearance / 0.08, 0, 1)
-        return float(reward), bool(lift < 0.005 and inside and clearance >= 0.08)
+        return float(reward), bool(lift < 0.005 and self.in_region(cube[:2]) and clearance >= 0.08)
 
     def expert(self, env):
         return PickCubeExpert(self, env)
@@ -145,8 +148,7 @@ class PickCubeResetExpert:
     def _start(self, cube) -> str:
         half = self.task.cfg.cube_half_size
         held = cube[2] - half > 0.01 and self.env.arm.gripper_width() < 2 * half + 0.01
-        inside = np.all(cube[:2] >= self.task.cfg.region_low) and np.all(cube[:2] <= self.task.cfg.region_high)
-        return "carry" if held else "release" if inside else "approach"
+        return "carry" if held else "release" if self.task.in_region(cube[:2]) else "approach"
 
     def __call__(self, obs) -> np.ndarray:
         from robolearn.sim.tasks.base import move_action
