@@ -318,3 +318,25 @@ def test_normalize_obs_off_and_configs_saved_before_it():
     assert DiffusionConfig.from_dict(old).normalize_obs is False
     with pytest.raises(ValueError, match="obs_std_min"):
         tiny_cfg(obs_std_min=0.0)
+
+
+@pytest.mark.parametrize("denoiser", ["mlp", "unet"])
+def test_sampling_step_matches_forward(denoiser):
+    """sample() runs step_eps on condition(cond): the cond and the step embedded once per call and step,
+    not once per row; it must compute what forward computes, and Mish without autograd F.mish's values."""
+    from robolearn.agents.diffusion import mish
+
+    cfg = tiny_cfg(denoiser=denoiser)
+    agent = DiffusionAgent(STATE_SPACE, ACTION_SPACE, cfg, device="cpu")
+    den = agent.model.denoiser
+    x = torch.randn(5, cfg.pred_horizon, 3)
+    cond = agent.model.encode(window(STATE_SPACE, cfg, b=5), agent.obs_keys)
+    with torch.no_grad():
+        for t in (0, 37, 99):
+            torch.testing.assert_close(den.step_eps(x, t, den.condition(cond)),
+                                       den(x, torch.full((5,), t, dtype=torch.long), cond), rtol=1e-5, atol=1e-6)
+        wide = torch.linspace(-30.0, 30.0, 2001)
+        torch.testing.assert_close(mish(wide), torch.nn.functional.mish(wide), rtol=1e-6, atol=1e-6)
+    leaf = torch.randn(7, requires_grad=True)
+    mish(leaf).sum().backward()  # with autograd it is F.mish, gradient included
+    torch.testing.assert_close(leaf.grad, torch.autograd.grad(torch.nn.functional.mish(leaf).sum(), leaf)[0])

@@ -46,7 +46,7 @@ def tiny_base(out: Path, space=SPACE, actions=ACTIONS, seed: int = 0) -> Path:
 
 def tiny_cfg(base: Path, **kw) -> DSRLConfig:
     fields = dict(base=str(base), hidden_dims=(32, 32), num_critics=4, critic_subsample=2, batch_size=8, utd_ratio=2,
-                  noise_critic_steps=2, init_temperature=0.1)
+                  noise_critic_steps=2, actor_steps=3, init_temperature=0.1)
     return DSRLConfig(**{**fields, **kw})
 
 
@@ -103,7 +103,7 @@ def test_update_trains_actor_and_both_critics_but_never_the_base(tmp_path):
         assert changed(before[k], module), f"{k} did not change"
     assert float(agent.log_alpha.detach()) != alpha_before
     assert all(torch.equal(v, agent.base.ema.state_dict()[k]) for k, v in base_before.items())
-    assert int(agent.critic_updates) == 2 and int(agent.actor_updates) == 1
+    assert int(agent.critic_updates) == 2 and int(agent.actor_updates) == 3  # actor_steps, cycling the minibatches
     # The aliased target: the base steered by the actor's noise at every next_obs window, then distillation
     # from the batch's obs windows (batch_size rows per distillation step).
     assert torch.equal(calls[0][0], batch["next_obs"]["state"])

@@ -97,6 +97,26 @@ def test_act_executes_the_highest_q_candidate_and_edits_stay_within_the_scale(tm
         assert len(agent._chunks.queue) == H - 1
 
 
+def test_critic_passes_add_critic_steps_without_sampling_the_base_again(tmp_path, monkeypatch):
+    """critic_passes=3 runs utd_ratio * 3 critic steps over the same utd_ratio minibatches (tau 0 and a REDQ
+    subsample of every member keep the target still, so each pass sees the same targets), and samples the
+    base as often as one pass."""
+    import robolearn.agents.expo as expo
+
+    sampled, targets = [], []
+    executed, step = expo.executed, expo.critic_step
+    monkeypatch.setattr(expo, "executed", lambda *a: sampled.append(a[2].shape[0]) or executed(*a))
+    monkeypatch.setattr(expo, "critic_step", lambda ag, q, t, s, b: targets.append(t.clone()) or step(ag, q, t, s, b))
+    agent = EXPOAgent(SPACE, ACTIONS, tiny_cfg(tiny_base(tmp_path), critic_passes=3, tau=0.0, num_critics=2), device="cpu")
+    agent.update(expo_batch(16), step=0)
+    assert int(agent.critic_updates) == 6 and len(targets) == 6
+    assert sampled == [16 * 3, 8]  # the 2N candidates' N base chunks at every s', then the edit step's batch
+    for i in range(2, 6):
+        torch.testing.assert_close(targets[i], targets[i % 2])
+    with pytest.raises(ValueError, match="critic_passes must be positive"):
+        tiny_cfg(tiny_base(tmp_path), critic_passes=0)
+
+
 def test_the_td_target_takes_each_rows_best_candidate(tmp_path, monkeypatch):
     """With one critic member and a subsample of one, each row's target is r + discount * the max over its
     own 2N candidates at s', in every strided minibatch."""

@@ -205,6 +205,23 @@ def ddim_coefficients(alphas_cumprod: torch.Tensor, steps: int, eta: float) -> l
 
 # -- denoisers --------------------------------------------------------------------------------
 
+class Mish(nn.Module):
+    """Mish, x * tanh(softplus(x)), as nn.Mish (no parameters, so state dicts match). Without autograd it
+    runs as three vectorised ops: torch's fused CPU kernel took 10 ms on 5120 x 512 floats against 6 ms,
+    and Mish was 40% of a fine-tuning agent's batched sampling (docs/diffusion.md#speed). With autograd
+    it is F.mish, whose backward is one kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mish(x)
+
+
+def mish(x: torch.Tensor) -> torch.Tensor:
+    """F.mish, computed as x * tanh(softplus(x)) when no gradient is recorded (see Mish)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return F.mish(x)
+    return x * torch.tanh(F.softplus(x))
+
+
 class StepEmbedding(nn.Module):
     """Diffusion step -> sinusoidal features -> Linear -> Mish -> Linear (dim out)."""
 
@@ -213,7 +230,7 @@ class StepEmbedding(nn.Module):
         half = dim // 2
         self.register_buffer("freqs", torch.exp(torch.arange(half) * (-math.log(10000.0) / (half - 1))),
                              persistent=False)
-        self.net = nn.Sequential(nn.Linear(dim, 4 * dim), nn.Mish(), nn.Linear(4 * dim, dim))
+        self.net = nn.Sequential(nn.Linear(dim, 4 * dim), Mish(), nn.Linear(4 * dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         x = t.float()[:, None] * self.freqs[None]
@@ -230,14 +247,31 @@ class MLPDenoiser(nn.Module):
         self.step = StepEmbedding(step_dim)
         layers, d = [], pred_horizon * action_dim + step_dim + cond_dim
         for h in hidden_dims:
-            layers += [nn.Linear(d, h), nn.LayerNorm(h), nn.Mish()]
+            layers += [nn.Linear(d, h), nn.LayerNorm(h), Mish()]
             d = h
         layers.append(nn.Linear(d, pred_horizon * action_dim))
         self.net = nn.Sequential(*layers)
+        self.chunk_dim, self.step_dim = pred_horizon * action_dim, step_dim
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         return self.net(torch.cat([x.reshape(b, -1), self.step(t), cond], dim=-1)).reshape(x.shape)
+
+    # Sampling: every row at the same step, the same cond at every step. The first layer splits into its
+    # chunk, step and cond columns, so the cond part is computed once per sample call and the step part
+    # once per step rather than once per row.
+    def condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, hidden): the first layer's cond columns applied to `cond`, plus its bias."""
+        first = self.net[0]
+        return F.linear(cond, first.weight[:, self.chunk_dim + self.step_dim:], first.bias)
+
+    def step_eps(self, x: torch.Tensor, t: int, ctx: torch.Tensor) -> torch.Tensor:
+        """forward(x, t at every row, cond) for ctx = condition(cond)."""
+        first, b = self.net[0], x.shape[0]
+        step = self.step(torch.full((1,), t, dtype=torch.long, device=x.device))
+        h = (F.linear(x.reshape(b, -1), first.weight[:, :self.chunk_dim])
+             + F.linear(step, first.weight[:, self.chunk_dim:self.chunk_dim + self.step_dim]) + ctx)
+        return self.net[1:](h).reshape(x.shape)
 
 
 class Conv1d(nn.Conv1d):
@@ -264,7 +298,7 @@ class Conv1d(nn.Conv1d):
 
 def conv_block(cin: int, cout: int, kernel: int, groups: int) -> nn.Sequential:
     """Conv1d (same length) -> GroupNorm -> Mish."""
-    return nn.Sequential(Conv1d(cin, cout, kernel, padding=kernel // 2), nn.GroupNorm(groups, cout), nn.Mish())
+    return nn.Sequential(Conv1d(cin, cout, kernel, padding=kernel // 2), nn.GroupNorm(groups, cout), Mish())
 
 
 class FiLMResBlock(nn.Module):
@@ -313,7 +347,19 @@ class UNetDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x (B, P, A) noisy chunk; t (B,) steps; cond (B, cond_dim) -> predicted noise (B, P, A)."""
-        c = F.mish(torch.cat([self.step(t), cond], dim=-1))
+        return self._run(x, mish(torch.cat([self.step(t), cond], dim=-1)))
+
+    def condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """What sampling steps share (for step_eps): the cond itself here."""
+        return cond
+
+    def step_eps(self, x: torch.Tensor, t: int, ctx: torch.Tensor) -> torch.Tensor:
+        """forward(x, t at every row, ctx), embedding the step once rather than once per row."""
+        step = self.step(torch.full((1,), t, dtype=torch.long, device=x.device)).expand(x.shape[0], -1)
+        return self._run(x, mish(torch.cat([step, ctx], dim=-1)))
+
+    def _run(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The UNet on x (B, P, A) with the Mish'd conditioning c (B, step_dim + cond_dim)."""
         h = x.transpose(1, 2)
         skips = []
         for block1, block2, down in self.down:
@@ -509,10 +555,9 @@ class DiffusionAgent:
                 raise ValueError(f"noise must have shape {shape} (batch, pred_horizon, action_dim), "
                                  f"got {tuple(noise.shape)}")
             x = noise.to(self.device, torch.float32)
-        cond = model.encode(obs, self.obs_keys)
-        steps = torch.empty(b, dtype=torch.long, device=self.device)
+        ctx = model.denoiser.condition(model.encode(obs, self.obs_keys))
         for t_, inv_sqrt_a, sqrt_1m_a, sqrt_a_prev, dir_coef, sigma in self._ddim:
-            eps = model.denoiser(x, steps.fill_(t_), cond)
+            eps = model.denoiser.step_eps(x, t_, ctx)
             x0 = (x - sqrt_1m_a * eps) * inv_sqrt_a
             if self.cfg.clip_sample:
                 x0 = x0.clamp(-1.0, 1.0)

@@ -17,8 +17,8 @@ s', each scored by the min over a random critic_subsample of target members.
 
 One update: a batch of batch_size * utd_ratio chunk transitions plus batch_size BC windows
 (batch["windows"]); the candidates at every next_obs are sampled at once (base and edit policy do
-not change during the critic steps), then utd_ratio critic steps on strided minibatches, one edit
-policy and temperature step, and one base BC step. The training loop calls it once per executed
+not change during the critic steps), then utd_ratio * critic_passes critic steps on the utd_ratio strided
+minibatches in turn, one edit policy and temperature step, and one base BC step. The training loop calls it once per executed
 chunk (every action_horizon env steps): utd_ratio is per decision, as the paper's.
 
 Features: the critic and the edit policy read the base's EMA encoding of the observation window
@@ -63,6 +63,10 @@ class EXPOConfig:
     # Critic steps per executed chunk. Paper: 20 per step on a GPU; on this CPU each step's candidates
     # cost batch_size * num_samples base samples, so 4 per chunk keeps an update near a second.
     utd_ratio: int = 4
+    # Passes over those utd_ratio minibatches: critic steps per update = utd_ratio * critic_passes. The
+    # candidates at s' are sampled once per update, so a pass adds critic steps (the targets recomputed by the
+    # moving target critic) without adding base samples, which are nearly all of an update's cost here.
+    critic_passes: int = 1
     num_critics: int = 10  # paper and SERL: 10 LayerNorm members, REDQ min over 2 in the target
     critic_subsample: int = 2
     hidden_dims: tuple[int, ...] = (256, 256)
@@ -77,7 +81,7 @@ class EXPOConfig:
     seed: int = 0
 
     def __post_init__(self):
-        check_sac_fields(self, ("edit_scale", "num_samples", "lr", "batch_size", "utd_ratio", "num_critics",
+        check_sac_fields(self, ("edit_scale", "num_samples", "lr", "batch_size", "utd_ratio", "critic_passes", "num_critics",
                                 "critic_subsample", "init_temperature", "base_lr"), ("gamma", "tau", "base_ema_decay"))
         if self.edit_scale > 2:
             raise ValueError(f"EXPOConfig.edit_scale must be at most 2 (the width of [-1, 1]), got {self.edit_scale!r}")
@@ -152,8 +156,8 @@ class EXPOAgent(FineTuner):
 
     # -- learning ------------------------------------------------------------------------------
     def update(self, batch: dict, step: int) -> dict[str, float]:
-        """utd_ratio critic steps on strided slices of a chunk-transition batch, one edit-policy and
-        temperature step, then one BC step of the base on batch["windows"]."""
+        """utd_ratio * critic_passes critic steps on utd_ratio strided slices of a chunk-transition batch, one
+        edit-policy and temperature step, then one BC step of the base on batch["windows"]."""
         cfg, utd = self.cfg, self.cfg.utd_ratio
         if "windows" not in batch:
             raise ValueError("batch['windows'] is missing: EXPO's base imitates windows sampled beside the chunk "
@@ -169,8 +173,8 @@ class EXPOAgent(FineTuner):
                 "reward": batch["reward"].to(self.device), "discount": batch["discount"].to(self.device),
                 "next_f": next_f.reshape(n, k, -1), "next_chunks": next_chunks.reshape(n, k, -1)}
         metrics: dict[str, list[torch.Tensor]] = {"critic_loss": [], "q": [], "target_q": []}
-        for i in range(utd):  # strided, as serl.minibatches: each keeps the batch's demo/online mix
-            part = {key: v[i::utd] for key, v in rows.items()}
+        for i in range(utd * cfg.critic_passes):  # strided, as serl.minibatches: each keeps the demo/online mix
+            part = {key: v[i % utd::utd] for key, v in rows.items()}
             with torch.no_grad():
                 m = part["reward"].shape[0]
                 next_q = redq_min(self, part["next_f"].reshape(m * k, -1), part["next_chunks"].reshape(m * k, -1))
