@@ -10,8 +10,10 @@ pick-cube reward and 100-step episodes (no termination on success), as bench/ser
 Last stdout line, one JSON object: per task (`tasks` -> env id) `demo_success`, `bc_success`,
 `dsrl_env_steps_to_90`, `expo_env_steps_to_90`, `rlpd_env_steps_to_90` (one per seed, null if never),
 `dsrl_final_success`, `expo_final_success`, `rlpd_final_success`, `minutes` (per stage and seed) and
-`beats_rlpd` (per method: its median steps to 90% below RLPD's, never counting as budget + 1); then
-`goal_met` (both methods beat RLPD on every task). `--quick`: one seed, 2000 env steps, 3000 BC updates.
+`beats_rlpd` (per method: its median steps to 90% below RLPD's, never counting as budget + 1) and `plot`
+(<out>/<Task>/curves.png: evaluation success against env steps per method and seed); then `goal_met`
+(both methods beat RLPD on every task). `--plot-only` redraws the plots of finished runs in --out.
+`--quick`: one seed, 2000 env steps, 3000 BC updates.
 """
 
 from __future__ import annotations
@@ -148,7 +150,50 @@ def bench_task(env_id: str, seeds: list[int], args, root: Path, tmp: Path) -> di
             res["minutes"][m].append(round(fine["minutes"], 2))
             print(f"{name} seed {seed} {m}: steps to 90% {to_90(history)}, final {fine['final_success']:.0%}, "
                   f"{fine['minutes']:.1f} min", flush=True)
+    curves = plot_task(root / name, args.methods, res["bc_success"])
+    res["plot"] = None if curves is None else str(curves)
     return res
+
+
+COLORS = {"dsrl": "tab:blue", "expo": "tab:orange", "rlpd": "tab:green"}
+
+
+def plot_task(task_dir: Path, methods, bc_success: list[float] | None = None) -> Path | None:
+    """curves.png in `task_dir` (the bench's <out>/<Task>): evaluation success against env steps, one line per
+    method and seed, read from each run's history.json, with the BC base's success as a dashed line per seed.
+    None when no run has finished."""
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for seed_dir in sorted(task_dir.glob("seed*")):
+        for m in methods:
+            hist = seed_dir / m / "history.json"
+            if not hist.exists():
+                continue
+            evals = json.loads(hist.read_text())["eval"]
+            ax.plot([e[0] for e in evals], [e[2] for e in evals], "o-", ms=3, color=COLORS.get(m), alpha=0.8,
+                    label=m if not any(line.get_label() == m for line in ax.lines) else None)
+            drawn = True
+    for i, bc in enumerate(bc_success or []):
+        ax.axhline(bc, ls="--", color="gray", lw=0.8, label="BC base" if i == 0 else None)
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.axhline(0.9, ls=":", color="black", lw=0.8)
+    ax.set(xlabel="env steps", ylabel="evaluation success", ylim=(-0.05, 1.05),
+           title=f"{task_dir.name}: fine-tuning from BC vs RLPD (one line per seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = task_dir / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def beats_rlpd(res: dict, method: str, budget: int) -> bool:
@@ -185,7 +230,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the base's sampling at "
                                                                    "batch sizes of thousands gains little from 2 here)")
     parser.add_argument("--out", default="runs/bench_diffusion_finetune", help="run directories, replaced per run")
+    parser.add_argument("--plot-only", action="store_true", help="only redraw <out>/<Task>/curves.png from the runs "
+                                                                 "already in --out, and print their paths")
     args = parser.parse_args()
+    if args.plot_only:
+        for task in args.tasks:
+            name = TASKS[task].split("/")[-1]
+            print(plot_task(Path(args.out) / name, args.methods))
+        return
     for name in ("frames", "bc_updates", "demos", "eval_every", "eval_episodes", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")

@@ -86,7 +86,8 @@ FRACTIONS = {"gamma", "discount", "tau", "critic_target_tau"}  # in [0, 1]
 # flattening order), or the saved replay's n-step returns (nstep, gamma).
 RESUME_SAFE = {"lr", "tau", "critic_target_tau", "batch_size", "utd_ratio", "critic_subsample", "target_entropy",
                "backup_entropy", "aug_pad", "compile", "stddev_schedule", "stddev_clip", "num_seed_frames",
-               "update_every_steps", "num_train_frames", "encoder_chunk_size", "fused_adam", "actor_steps", "critic_passes"}
+               "update_every_steps", "num_train_frames", "encoder_chunk_size", "fused_adam", "actor_steps",
+               "critic_passes", "bc_steps"}
 
 
 def _check_agent_option(key: str, value, hint):

@@ -107,7 +107,8 @@ def test_critic_passes_add_critic_steps_without_sampling_the_base_again(tmp_path
     executed, step = expo.executed, expo.critic_step
     monkeypatch.setattr(expo, "executed", lambda *a: sampled.append(a[2].shape[0]) or executed(*a))
     monkeypatch.setattr(expo, "critic_step", lambda ag, q, t, s, b: targets.append(t.clone()) or step(ag, q, t, s, b))
-    agent = EXPOAgent(SPACE, ACTIONS, tiny_cfg(tiny_base(tmp_path), critic_passes=3, tau=0.0, num_critics=2), device="cpu")
+    cfg = tiny_cfg(tiny_base(tmp_path), critic_passes=3, tau=0.0, num_critics=2)
+    agent = EXPOAgent(SPACE, ACTIONS, cfg, device="cpu")
     agent.update(expo_batch(16), step=0)
     assert int(agent.critic_updates) == 6 and len(targets) == 6
     assert sampled == [16 * 3, 8]  # the 2N candidates' N base chunks at every s', then the edit step's batch
@@ -115,6 +116,26 @@ def test_critic_passes_add_critic_steps_without_sampling_the_base_again(tmp_path
         torch.testing.assert_close(targets[i], targets[i % 2])
     with pytest.raises(ValueError, match="critic_passes must be positive"):
         tiny_cfg(tiny_base(tmp_path), critic_passes=0)
+
+
+def test_actor_and_bc_steps_each_take_their_own_rows(tmp_path, monkeypatch):
+    """actor_steps edit steps draw their base chunks in one call (batch_size rows each); bc_steps BC steps
+    each take a strided share of the windows, which loop_params sizes to batch_size * bc_steps."""
+    import robolearn.agents.expo as expo
+
+    sampled, bc_rows = [], []
+    executed = expo.executed
+    monkeypatch.setattr(expo, "executed", lambda *a: sampled.append(a[2].shape[0]) or executed(*a))
+    agent = EXPOAgent(SPACE, ACTIONS, tiny_cfg(tiny_base(tmp_path), actor_steps=3, bc_steps=2), device="cpu")
+    update = agent.base.update
+    monkeypatch.setattr(agent.base, "update", lambda b, s: bc_rows.append(b["action"][:, 0, 0].clone()) or update(b, s))
+    batch = expo_batch(16, bc=16)
+    m = agent.update(batch, step=0)
+    assert sampled == [16 * 3, 8 * 3]  # the candidates, then the edit steps' chunks in one call
+    assert int(agent.actor_updates) == 3 and int(agent.base.updates) == 2 and np.isfinite(m["bc_loss"])
+    torch.testing.assert_close(torch.cat(bc_rows).sort().values, batch["windows"]["action"][:, 0, 0].sort().values)
+    with pytest.raises(ValueError, match="bc_steps must be positive"):
+        tiny_cfg(tiny_base(tmp_path), bc_steps=0)
 
 
 def test_the_td_target_takes_each_rows_best_candidate(tmp_path, monkeypatch):
@@ -233,6 +254,7 @@ def test_loop_params_ask_for_chunks_and_bc_windows(tmp_path):
     assert loop_params(cfg, None) == {"batch": 80, "every": H, "nstep": 1, "gamma": 0.98, "frame_stack": 1,
                                       "seed_steps": 0, "obs_horizon": TO, "chunk": H, "bc_batch": 16,
                                       "pred_horizon": P}
+    assert loop_params(tiny_cfg(tiny_base(tmp_path), batch_size=16, bc_steps=3), None)["bc_batch"] == 48
     assert AGENT.name == "expo" and AGENT.agent_cls is EXPOAgent and AGENT.config_cls is EXPOConfig
 
 
