@@ -150,7 +150,7 @@ def bench_task(env_id: str, seeds: list[int], args, root: Path, tmp: Path) -> di
             res["minutes"][m].append(round(fine["minutes"], 2))
             print(f"{name} seed {seed} {m}: steps to 90% {to_90(history)}, final {fine['final_success']:.0%}, "
                   f"{fine['minutes']:.1f} min", flush=True)
-    curves = plot_task(root / name, args.methods, res["bc_success"])
+    curves = plot_task(root / name, args.methods)
     res["plot"] = None if curves is None else str(curves)
     return res
 
@@ -158,10 +158,10 @@ def bench_task(env_id: str, seeds: list[int], args, root: Path, tmp: Path) -> di
 COLORS = {"dsrl": "tab:blue", "expo": "tab:orange", "rlpd": "tab:green"}
 
 
-def plot_task(task_dir: Path, methods, bc_success: list[float] | None = None) -> Path | None:
+def plot_task(task_dir: Path, methods) -> Path | None:
     """curves.png in `task_dir` (the bench's <out>/<Task>): evaluation success against env steps, one line per
-    method and seed, read from each run's history.json, with the BC base's success as a dashed line per seed.
-    None when no run has finished."""
+    method and seed, read from each run's history.json, with each seed's BC base (bc/result.json) as a dashed
+    line. None when no run has finished."""
     import json
 
     import matplotlib
@@ -179,7 +179,8 @@ def plot_task(task_dir: Path, methods, bc_success: list[float] | None = None) ->
             ax.plot([e[0] for e in evals], [e[2] for e in evals], "o-", ms=3, color=COLORS.get(m), alpha=0.8,
                     label=m if not any(line.get_label() == m for line in ax.lines) else None)
             drawn = True
-    for i, bc in enumerate(bc_success or []):
+    bases = [json.loads(r.read_text())["final_success"] for r in sorted(task_dir.glob("seed*/bc/result.json"))]
+    for i, bc in enumerate(bases):
         ax.axhline(bc, ls="--", color="gray", lw=0.8, label="BC base" if i == 0 else None)
     if not drawn:
         plt.close(fig)

@@ -225,7 +225,8 @@ class EXPOAgent(FineTuner):
             f, chunk = feat[rows[j * bs:(j + 1) * bs]], chunks[j * bs:(j + 1) * bs]
             squashed, metrics = sac_actor_step(
                 self, torch.cat([f, chunk], dim=-1),
-                lambda e: self.critic(f, (chunk + scale * e).clamp(-1.0, 1.0), detach=True).mean(dim=0), batch, step)
+                lambda e, f=f, chunk=chunk: self.critic(f, (chunk + scale * e).clamp(-1.0, 1.0), detach=True)
+                .mean(dim=0), batch, step)
             for key, v in {**metrics, "edit_abs": squashed.abs().mean() * scale}.items():
                 out.setdefault(key, []).append(v)
         return {key: torch.stack(v).mean() for key, v in out.items()}
