@@ -150,7 +150,7 @@ def bench_task(env_id: str, seeds: list[int], args, root: Path, tmp: Path) -> di
             res["minutes"][m].append(round(fine["minutes"], 2))
             print(f"{name} seed {seed} {m}: steps to 90% {to_90(history)}, final {fine['final_success']:.0%}, "
                   f"{fine['minutes']:.1f} min", flush=True)
-    curves = plot_task(root / name, args.methods)
+    curves = plot_task(root / name, args.methods, seeds)
     res["plot"] = None if curves is None else str(curves)
     return res
 
@@ -158,10 +158,10 @@ def bench_task(env_id: str, seeds: list[int], args, root: Path, tmp: Path) -> di
 COLORS = {"dsrl": "tab:blue", "expo": "tab:orange", "rlpd": "tab:green"}
 
 
-def plot_task(task_dir: Path, methods) -> Path | None:
+def plot_task(task_dir: Path, methods, seeds=None) -> Path | None:
     """curves.png in `task_dir` (the bench's <out>/<Task>): evaluation success against env steps, one line per
-    method and seed, read from each run's history.json, with each seed's BC base (bc/result.json) as a dashed
-    line. None when no run has finished."""
+    method and seed (`seeds`, or every seed* directory), read from each run's history.json, with each seed's BC
+    base (bc/result.json) as a dashed line. None when no run has finished."""
     import json
 
     import matplotlib
@@ -170,7 +170,8 @@ def plot_task(task_dir: Path, methods) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
-    for seed_dir in sorted(task_dir.glob("seed*")):
+    seed_dirs = sorted(task_dir.glob("seed*")) if seeds is None else [task_dir / f"seed{s}" for s in seeds]
+    for seed_dir in seed_dirs:
         for m in methods:
             hist = seed_dir / m / "history.json"
             if not hist.exists():
@@ -179,7 +180,8 @@ def plot_task(task_dir: Path, methods) -> Path | None:
             ax.plot([e[0] for e in evals], [e[2] for e in evals], "o-", ms=3, color=COLORS.get(m), alpha=0.8,
                     label=m if not any(line.get_label() == m for line in ax.lines) else None)
             drawn = True
-    bases = [json.loads(r.read_text())["final_success"] for r in sorted(task_dir.glob("seed*/bc/result.json"))]
+    bases = [json.loads((d / "bc" / "result.json").read_text())["final_success"] for d in seed_dirs
+             if (d / "bc" / "result.json").exists()]
     for i, bc in enumerate(bases):
         ax.axhline(bc, ls="--", color="gray", lw=0.8, label="BC base" if i == 0 else None)
     if not drawn:

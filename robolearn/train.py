@@ -78,7 +78,8 @@ def check_train_config(cfg: TrainConfig) -> None:
 # Ranges of agent options by field name (SERLConfig and DrQV2Config name the same things alike).
 POSITIVE = {"batch_size", "utd_ratio", "num_critics", "critic_subsample", "nstep", "frame_stack", "feature_dim",
             "hidden_dims", "hidden_dim", "conv_channels", "conv_strides", "action_repeat", "update_every_steps",
-            "num_train_frames", "replay_buffer_size", "encoder_chunk_size", "lr", "init_temperature"}
+            "num_train_frames", "replay_buffer_size", "encoder_chunk_size", "lr", "init_temperature", "actor_steps",
+            "critic_passes", "bc_steps", "noise_critic_steps"}
 NON_NEGATIVE = {"aug_pad", "num_seed_frames", "stddev_clip"}
 FRACTIONS = {"gamma", "discount", "tau", "critic_target_tau"}  # in [0, 1]
 # What --set may change on --resume: the learner's pace and step sizes. The rest shapes the saved

@@ -338,5 +338,6 @@ def test_sampling_step_matches_forward(denoiser):
         wide = torch.linspace(-30.0, 30.0, 2001)
         torch.testing.assert_close(mish(wide), torch.nn.functional.mish(wide), rtol=1e-6, atol=1e-6)
     leaf = torch.randn(7, requires_grad=True)
-    mish(leaf).sum().backward()  # with autograd it is F.mish, gradient included
-    torch.testing.assert_close(leaf.grad, torch.autograd.grad(torch.nn.functional.mish(leaf).sum(), leaf)[0])
+    assert type(mish(leaf).grad_fn).__name__ == "MishBackward0"  # with autograd it is F.mish, one backward kernel
+    with torch.no_grad():
+        assert mish(leaf).grad_fn is None

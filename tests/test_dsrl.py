@@ -94,8 +94,15 @@ def test_update_trains_actor_and_both_critics_but_never_the_base(tmp_path):
     alpha_before = float(agent.log_alpha.detach())
     batch = chunk_batch(16)
     calls = record_samples(agent)
+    actor_rows, step_actor = [], agent._update_actor_and_alpha
+    agent._update_actor_and_alpha = lambda feat, *a: actor_rows.append(feat.clone()) or step_actor(feat, *a)
 
     m = agent.update(batch, step=0)
+    # actor_steps=3 over utd_ratio=2 strided minibatches of the batch's features: rows 0::2, 1::2, 0::2.
+    feat = agent._features(batch["obs"])
+    assert [f.shape[0] for f in actor_rows] == [8, 8, 8]
+    for i, f in enumerate(actor_rows):
+        torch.testing.assert_close(f, feat[i % 2::2])
     assert {"critic_loss", "q", "target_q", "noise_critic_loss", "distill_target_q", "actor_loss", "entropy",
             "alpha_loss", "alpha", "noise_abs"} <= set(m)
     assert all(np.isfinite(v) for v in m.values())

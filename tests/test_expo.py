@@ -136,6 +136,10 @@ def test_actor_and_bc_steps_each_take_their_own_rows(tmp_path, monkeypatch):
     torch.testing.assert_close(torch.cat(bc_rows).sort().values, batch["windows"]["action"][:, 0, 0].sort().values)
     with pytest.raises(ValueError, match="bc_steps must be positive"):
         tiny_cfg(tiny_base(tmp_path), bc_steps=0)
+    critic_before = params(agent.critic)
+    with pytest.raises(ValueError, match="holds 1 windows, fewer than bc_steps=2"):
+        agent.update(expo_batch(16, bc=1), step=1)  # refused before any weight changes
+    assert not changed(critic_before, agent.critic)
 
 
 def test_the_td_target_takes_each_rows_best_candidate(tmp_path, monkeypatch):

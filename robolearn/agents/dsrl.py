@@ -67,8 +67,8 @@ class DSRLConfig:
     noise_critic_steps: int = 10  # Q_W steps per update, batch_size rows each (paper: 10)
     # Actor and temperature steps per update, on the critic steps' minibatches in turn. The paper (SB3's SAC)
     # steps them with every critic step, utd_ratio per decision; they read only Q_W, so they are cheap. One
-    # per update left the temperature near its initial 1 for a whole 20k-step run, and the entropy bonus
-    # (~40 per chunk in 64 noise dims) then outweighed the task's reward (at most 8 per chunk).
+    # per update left the temperature near its initial 1 through a 2k-step run (0.95 after 250 updates), and the
+    # entropy bonus (~40 per chunk in 64 noise dims) outweighed the task's reward (at most 8 per chunk).
     actor_steps: int = 20
     # Share of distillation noise drawn from the actor (ours); the rest from N(0, I) (the paper's only source).
     distill_actor_fraction: float = 0.5

@@ -82,7 +82,7 @@ class EXPOConfig:
     target_entropy: float | None = None  # None: -dim/2 of the squashed edit (SERL's rule)
     log_std_min: float = -20.0
     log_std_max: float = 2.0
-    # The base keeps imitating: one BC step per update at this constant rate, EMA (which acts) at this decay.
+    # The base keeps imitating: bc_steps BC steps per update at this constant rate, EMA (which acts) at this decay.
     base_lr: float = 1e-4  # Chi's rate; the BC run's cosine schedule had decayed it to 0
     base_ema_decay: float = 0.995  # the BC run's 0.9999 would hide 10k updates of improvement
     seed: int = 0
@@ -194,9 +194,10 @@ class EXPOAgent(FineTuner):
         result.update(self._update_edit_policy(obs, feat, step, batch))
         values = dict(zip(result, torch.stack(list(result.values())).tolist()))
         values["alpha"] = float(self.log_alpha.detach().exp())
-        k, windows, losses = cfg.bc_steps, batch["windows"], []
-        for i in range(k):  # strided, as the critic's minibatches: each keeps the demo/online mix
-            part = {"obs": {key: v[i::k] for key, v in windows["obs"].items()}, "action": windows["action"][i::k]}
+        n_bc, windows, losses = cfg.bc_steps, batch["windows"], []
+        for i in range(n_bc):  # strided, as the critic's minibatches: each keeps the demo/online mix
+            part = {"obs": {key: v[i::n_bc] for key, v in windows["obs"].items()},
+                    "action": windows["action"][i::n_bc]}
             losses.append(self.base.update(part, step)["bc_loss"])
         values["bc_loss"] = float(np.mean(losses))
         return values
@@ -209,6 +210,9 @@ class EXPOAgent(FineTuner):
             got = None if action is None else tuple(action.shape)
             raise ValueError(f"batch['windows']['action'] must be (B, pred_horizon, A) = (B, {shape[0]}, {shape[1]}), "
                              f"got {got}: sample windows of the base's pred_horizon (loop_params)")
+        if action.shape[0] < self.cfg.bc_steps:
+            raise ValueError(f"batch['windows'] holds {action.shape[0]} windows, fewer than bc_steps="
+                             f"{self.cfg.bc_steps} BC steps need (loop_params' bc_batch is batch_size * bc_steps)")
         check_windows(windows.get("obs", {}), self.obs_keys, self.obs_horizon, "windows']['obs", self.device)
         check_batch_finite(windows, "bc", step)
 
