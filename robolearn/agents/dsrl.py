@@ -41,7 +41,8 @@ from robolearn.agents.diffusion_base import (FineTuner, base_diffusion_config, c
                                              config_from_dict, executed)
 from robolearn.agents.errors import check_finite
 from robolearn.agents.registry import AgentSpec
-from robolearn.agents.serl import EnsembleCritic, TanhGaussianActor, adam, critic_step, redq_min, sac_actor_step
+from robolearn.agents.serl import (EnsembleCritic, TanhGaussianActor, adam, critic_step, mean_metrics, redq_min,
+                                   sac_actor_step)
 
 
 @dataclass
@@ -155,18 +156,12 @@ class DSRLAgent(FineTuner):
         rows = {"feat": feat, "next_feat": next_feat, "next_action": next_action, "next_log_prob": next_log_prob,
                 "action": action.to(self.device, torch.float32).reshape(n, -1),
                 "reward": batch["reward"].to(self.device), "discount": batch["discount"].to(self.device)}
-        metrics: dict[str, list[torch.Tensor]] = {"critic_loss": [], "q": [], "target_q": []}
-        for i in range(utd):  # strided, as serl.minibatches: each keeps the batch's demo/online mix
-            part = {k: v[i::utd] for k, v in rows.items()}
-            for k, v in self._update_critic(part, step, batch).items():
-                metrics[k].append(v)
-        out = {k: torch.stack(v).mean() for k, v in metrics.items()}
+        # Critic steps on strided minibatches, as serl.minibatches: each keeps the batch's demo/online mix.
+        out = mean_metrics(self._update_critic({k: v[i::utd] for k, v in rows.items()}, step, batch)
+                           for i in range(utd))
         out.update(self._update_noise_critic(obs, feat, step, batch))
-        actor: dict[str, list[torch.Tensor]] = {}
-        for i in range(cfg.actor_steps):
-            for k, v in self._update_actor_and_alpha(feat[i % utd::utd], step, batch).items():
-                actor.setdefault(k, []).append(v)
-        out.update({k: torch.stack(v).mean() for k, v in actor.items()})
+        out.update(mean_metrics(self._update_actor_and_alpha(feat[i % utd::utd], step, batch)
+                                for i in range(cfg.actor_steps)))
         result = dict(zip(out, torch.stack(list(out.values())).tolist()))
         result["alpha"] = float(self.log_alpha.detach().exp())
         return result

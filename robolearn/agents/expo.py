@@ -41,7 +41,8 @@ from robolearn.agents.diffusion_base import (FineTuner, base_diffusion_config, c
                                              check_windows, config_from_dict, executed)
 from robolearn.agents.errors import NonFiniteActionError, check_batch_finite
 from robolearn.agents.registry import AgentSpec
-from robolearn.agents.serl import EnsembleCritic, TanhGaussianActor, critic_step, redq_min, sac_actor_step
+from robolearn.agents.serl import (EnsembleCritic, TanhGaussianActor, critic_step, mean_metrics, redq_min,
+                                   sac_actor_step)
 
 # A learning-rate schedule this long is constant for any fine-tuning run: the base's cosine schedule ended
 # with its BC run, and EXPO keeps it learning at base_lr.
@@ -180,17 +181,15 @@ class EXPOAgent(FineTuner):
         rows = {"feat": feat, "action": action.to(self.device, torch.float32).reshape(n, -1),
                 "reward": batch["reward"].to(self.device), "discount": batch["discount"].to(self.device),
                 "next_f": next_f.reshape(n, k, -1), "next_chunks": next_chunks.reshape(n, k, -1)}
-        metrics: dict[str, list[torch.Tensor]] = {"critic_loss": [], "q": [], "target_q": []}
+        steps = []
         for i in range(utd * cfg.critic_passes):  # strided, as serl.minibatches: each keeps the demo/online mix
             part = {key: v[i % utd::utd] for key, v in rows.items()}
             with torch.no_grad():
                 m = part["reward"].shape[0]
                 next_q = redq_min(self, part["next_f"].reshape(m * k, -1), part["next_chunks"].reshape(m * k, -1))
                 target = part["reward"] + part["discount"] * next_q.reshape(m, k).max(dim=1).values
-            out = critic_step(self, self.critic(part["feat"], part["action"]), target, step, batch)
-            for key, v in out.items():
-                metrics[key].append(v)
-        result = {key: torch.stack(v).mean() for key, v in metrics.items()}
+            steps.append(critic_step(self, self.critic(part["feat"], part["action"]), target, step, batch))
+        result = mean_metrics(steps)
         result.update(self._update_edit_policy(obs, feat, step, batch))
         values = dict(zip(result, torch.stack(list(result.values())).tolist()))
         values["alpha"] = float(self.log_alpha.detach().exp())
@@ -224,16 +223,15 @@ class EXPOAgent(FineTuner):
                              generator=self.update_gen)
         noise = torch.randn(len(rows), self.noise_dim, device=self.device, generator=self.update_gen)
         chunks = executed(self.base, {key: v[rows] for key, v in obs.items()}, noise)
-        out: dict[str, list[torch.Tensor]] = {}
+        steps = []
         for j in range(self.cfg.actor_steps):
             f, chunk = feat[rows[j * bs:(j + 1) * bs]], chunks[j * bs:(j + 1) * bs]
             squashed, metrics = sac_actor_step(
                 self, torch.cat([f, chunk], dim=-1),
                 lambda e, f=f, chunk=chunk: self.critic(f, (chunk + scale * e).clamp(-1.0, 1.0), detach=True)
                 .mean(dim=0), batch, step)
-            for key, v in {**metrics, "edit_abs": squashed.abs().mean() * scale}.items():
-                out.setdefault(key, []).append(v)
-        return {key: torch.stack(v).mean() for key, v in out.items()}
+            steps.append({**metrics, "edit_abs": squashed.abs().mean() * scale})
+        return mean_metrics(steps)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _modules(self) -> dict[str, nn.Module]:

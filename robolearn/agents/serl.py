@@ -217,6 +217,12 @@ def sac_actor_step(agent, feat: torch.Tensor, q_of, batch: dict, step: int) -> t
     return action.detach(), {"actor_loss": actor_loss.detach(), "entropy": entropy, "alpha_loss": alpha_loss.detach()}
 
 
+def mean_metrics(steps) -> dict[str, torch.Tensor]:
+    """Per-name means over several steps' metric dicts (name -> 0-d tensor), as one dict of 0-d tensors."""
+    steps = list(steps)
+    return {k: torch.stack([s[k] for s in steps]).mean() for k in steps[0]}
+
+
 def redq_min(agent, feat: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
     """REDQ's target value (B,): the min over cfg.critic_subsample target members drawn from agent.update_gen."""
     cfg = agent.cfg
@@ -349,12 +355,11 @@ class SERLAgent:
         with torch.no_grad():
             obs = self._with_features(batch["obs"], augment=True)
             next_obs = self._with_features(batch["next_obs"], augment=True)
-        metrics: dict[str, list[torch.Tensor]] = {"critic_loss": [], "q": [], "target_q": []}
+        steps = []
         for part in minibatches({**batch, "obs": obs, "next_obs": next_obs}, utd):
             feat, m = self._update_critic(part, step)
-            for k, v in m.items():
-                metrics[k].append(v)
-        metrics = {k: torch.stack(v).mean() for k, v in metrics.items()}
+            steps.append(m)
+        metrics = mean_metrics(steps)
         metrics.update(self._update_actor_and_alpha(feat.detach(), part, step))
         out = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))
         out["alpha"] = float(self.log_alpha.detach().exp())
