@@ -22,6 +22,7 @@ import torch
 
 from robolearn import checkpoint as ckpt_io
 from robolearn.agents import registry
+from robolearn.agents.dormant import probe_agent
 from robolearn.agents.errors import NonFiniteActionError, NonFiniteLossError
 from robolearn.replay import MixedReplay, ReplayBuffer
 from robolearn.rollout import SUCCESS_KEY, AgentPolicy, episode_success, make_env, run_episodes
@@ -51,6 +52,7 @@ class TrainConfig:
     success_key: str | None = SUCCESS_KEY
 
 
+LOG_EVERY = 250  # agent steps between the update metrics written to TensorBoard (train/*, dormant/*)
 # Env options that shape how training episodes start, never how the policy is judged: evaluation starts from the
 # env's own resets (docs/resets.md, demo_state).
 TRAIN_ONLY_ENV_OPTIONS = ("reset_from_demos", "demo_state_prob")
@@ -117,6 +119,8 @@ def _check_agent_option(key: str, value, hint):
         from robolearn.agents.encoders import FROZEN_ARCHS
         if value not in FROZEN_ARCHS:
             raise ValueError(f"frozen_arch must be one of {list(FROZEN_ARCHS)}, got {value!r}")
+    elif key == "critic_dropout" and not 0 <= value < 1:
+        raise ValueError(f"critic_dropout must be in [0, 1), got {value!r}")
     elif key == "stddev_schedule":
         from robolearn.agents.drqv2 import stddev
         try:
@@ -349,10 +353,17 @@ class Trainer:
 
     def _update(self) -> dict:
         """One update call on a batch of the kind the agent needs (transitions or windows)."""
-        metrics = self.agent.update(sample_batch(self.replay, self.params, self.rng), self.step)
-        if self.step % 250 == 0:
-            for k, v in metrics.items():
-                self._writer.add_scalar(f"train/{k}", v, self.step * self.repeat)
+        batch = sample_batch(self.replay, self.params, self.rng)
+        if self.step % LOG_EVERY:
+            return self.agent.update(batch, self.step)
+        # One update in LOG_EVERY is logged, with the dormant ratio of each network it trains (DrM's
+        # diagnostic, robolearn.agents.dormant): hooks on that update's own forward passes, no extra pass.
+        with probe_agent(self.agent) as probe:
+            metrics = self.agent.update(batch, self.step)
+        for k, v in metrics.items():
+            self._writer.add_scalar(f"train/{k}", v, self.step * self.repeat)
+        for k, v in probe.ratios().items():
+            self._writer.add_scalar(f"dormant/{k}", v, self.step * self.repeat)
         return metrics
 
     def _evaluate_and_save(self, result: dict) -> None:

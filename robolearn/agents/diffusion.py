@@ -211,6 +211,8 @@ class Mish(nn.Module):
     and Mish was 40% of a fine-tuning agent's batched sampling (docs/diffusion.md#speed). With autograd
     it is F.mish, whose backward is one kernel."""
 
+    dormant_probe = True  # robolearn.agents.dormant reads its output
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return mish(x)
 

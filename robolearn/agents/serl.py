@@ -58,6 +58,9 @@ class SERLConfig:
     utd_ratio: int = 4
     num_critics: int = 10
     critic_subsample: int = 2  # REDQ-style random members whose min forms the target
+    # DroQ (Hiraoka et al. 2022): dropout on the critic's hidden layers; DroQ itself pairs 0.01 with 2 critics
+    # (num_critics=2, critic_subsample=2) in place of REDQ's 10, at high UTD. 0 turns it off.
+    critic_dropout: float = 0.0
     hidden_dims: tuple[int, ...] = (256, 256)
     activation: str = "tanh"  # SERL: tanh after LayerNorm; RLPD: relu (~15% faster on CPU)
     init_temperature: float = 0.01  # SERL; RLPD starts at 1.0
@@ -97,15 +100,38 @@ ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu, "silu": F.sil
 
 # -- networks --------------------------------------------------------------------------------
 
+class EnsembleActivation(nn.Module):
+    """The hidden activation of an EnsembleCritic, as a module so that forward hooks see its output
+    (E, B, H): robolearn.agents.dormant reads it per member (`member_dim`)."""
+
+    dormant_probe, member_dim = True, 0
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name, self.fn = name, ACTIVATIONS[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
 class EnsembleCritic(nn.Module):
     """E Q-networks as stacked (E, in, out) weights: every layer is one batched matmul for all E.
 
-    Per member: Linear -> LayerNorm -> activation for each hidden layer, then Linear -> Q.
+    Per member: Linear -> [Dropout] -> LayerNorm -> activation for each hidden layer, then Linear -> Q.
+    With `dropout` > 0 this is DroQ's critic (Hiraoka et al. 2022): dropout on every hidden layer, in
+    the online and the target networks alike and whenever the module is in training mode (its default:
+    the agents never switch it), so the TD target and the actor's Q are dropout samples as in DroQ.
     """
 
-    def __init__(self, in_dim: int, hidden_dims: tuple[int, ...], num: int, activation: str):
+    def __init__(self, in_dim: int, hidden_dims: tuple[int, ...], num: int, activation: str, dropout: float = 0.0):
         super().__init__()
-        self.num, self.act = num, ACTIVATIONS[activation]
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"critic dropout must be in [0, 1), got {dropout!r}")
+        self.num, self.act, self.dropout = num, EnsembleActivation(activation), float(dropout)
+        self.generator: torch.Generator | None = None  # dropout's masks (the agent's update stream); None: global
         dims = (in_dim, *hidden_dims, 1)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -130,6 +156,9 @@ class EnsembleCritic(nn.Module):
         for i in range(len(lws)):
             if i > 0:
                 h = torch.baddbmm(bs[i], h, ws[i])
+            if self.dropout and self.training:  # masks from self.generator, so a resumed run draws the same
+                keep = torch.empty_like(h).bernoulli_(1.0 - self.dropout, generator=self.generator)
+                h = h * keep * (1.0 / (1.0 - self.dropout))
             h = self.act(torch.addcmul(lbs[i], F.layer_norm(h, h.shape[-1:]), lws[i]))
         return torch.baddbmm(bs[-1], h, ws[-1]).squeeze(-1)
 
@@ -275,7 +304,7 @@ class SERLAgent:
             self.actor = TanhGaussianActor(d, self.action_dim, cfg.hidden_dims, cfg.activation,
                                            cfg.log_std_min, cfg.log_std_max).to(self.device)
             self.critic = EnsembleCritic(d + self.action_dim, cfg.hidden_dims, cfg.num_critics,
-                                         cfg.activation).to(self.device)
+                                         cfg.activation, cfg.critic_dropout).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(cfg.init_temperature), device=self.device, requires_grad=True)
 
@@ -292,6 +321,7 @@ class SERLAgent:
         # Separate streams, so acting (possibly elsewhere) never changes what the learner samples.
         self.update_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.act_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
+        self.critic.generator = self.critic_target.generator = self.update_gen
         self.critic_updates = torch.zeros((), dtype=torch.int64)
         self.actor_updates = torch.zeros((), dtype=torch.int64)
 
