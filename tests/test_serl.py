@@ -394,3 +394,21 @@ def test_droq_dropout_critic_trains_is_validated_and_round_trips():
 
     with pytest.raises(ValueError, match=r"critic_dropout must be in \[0, 1\), got 1.5"):
         make_agent_config("serl", {"critic_dropout": 1.5}, 0)
+
+
+@pytest.mark.parametrize("p", [0.01, 0.3, 0.9])
+def test_dropout_mask_zeros_each_element_independently_with_probability_p(p):
+    from robolearn.agents.serl import dropout_mask
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.cat([dropout_mask((50, 1000), p, g, "cpu").flatten() for _ in range(8)])
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    zero = mask == 0
+    sd = (p * (1 - p) / zero.numel()) ** 0.5
+    assert abs(zero.float().mean().item() - p) < 5 * sd
+    # Independence: a zero right after a zero is as likely as any zero.
+    after_zero = (zero[1:] & zero[:-1]).sum().item() / zero[:-1].sum().item()
+    assert abs(after_zero - p) < 5 * (p * (1 - p) / zero[:-1].sum().item()) ** 0.5
+    # The same generator state draws the same mask (resume and checkpoint copies rely on it).
+    a, b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert torch.equal(dropout_mask((3, 64, 64), p, a, "cpu"), dropout_mask((3, 64, 64), p, b, "cpu"))
