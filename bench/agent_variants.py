@@ -89,12 +89,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one seed, 3000 env steps: a check that it runs")
     parser.add_argument("--out", default="runs/bench_agent_variants", help="run directories, replaced per run")
     args = parser.parse_args()
-    for name, value in (("--frames", args.frames), ("--eval-every", args.eval_every),
+    for name, value in (("--frames", args.frames), ("--demos", args.demos), ("--eval-every", args.eval_every),
                         ("--eval-episodes", args.eval_episodes), ("--threads", args.threads)):
         if value <= 0:
             parser.error(f"{name} must be positive, got {value}")
     torch.set_num_threads(args.threads)
-    seeds, frames = (args.seeds[:1], 3_000) if args.quick else (args.seeds, args.frames)
+    seeds = list(dict.fromkeys(args.seeds))  # a repeated seed would replace its own run folder
+    seeds, frames = (seeds[:1], 3_000) if args.quick else (seeds, args.frames)
     root = Path(args.out)
     variants: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -84,6 +84,7 @@ POSITIVE = {"batch_size", "utd_ratio", "num_critics", "critic_subsample", "nstep
             "critic_passes", "bc_steps", "noise_critic_steps"}
 NON_NEGATIVE = {"aug_pad", "num_seed_frames", "stddev_clip"}
 FRACTIONS = {"gamma", "discount", "tau", "critic_target_tau"}  # in [0, 1]
+RATES = {"critic_dropout"}  # in [0, 1)
 # What --set may change on --resume: the learner's pace and step sizes. The rest shapes the saved
 # networks or what they compute (sizes, activation, inputs, log-std bounds, channels_last's
 # flattening order), or the saved replay's n-step returns (nstep, gamma).
@@ -100,7 +101,7 @@ def _check_agent_option(key: str, value, hint):
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # --set stddev_schedule=0.2 parses as a number
     check_value(value, hint, key)
-    if value is None or key not in POSITIVE | NON_NEGATIVE | FRACTIONS:
+    if value is None or key not in POSITIVE | NON_NEGATIVE | FRACTIONS | RATES:
         pass
     elif isinstance(value, (list, tuple)):
         if not value or min(value) <= 0:
@@ -111,6 +112,8 @@ def _check_agent_option(key: str, value, hint):
         raise ValueError(f"{key} must be zero or more, got {value!r}")
     elif key in FRACTIONS and not 0 <= value <= 1:
         raise ValueError(f"{key} must be in [0, 1], got {value!r}")
+    elif key in RATES and not 0 <= value < 1:
+        raise ValueError(f"{key} must be in [0, 1), got {value!r}")
     if key == "activation":
         from robolearn.agents.serl import ACTIVATIONS
         if value not in ACTIVATIONS:
@@ -119,8 +122,6 @@ def _check_agent_option(key: str, value, hint):
         from robolearn.agents.encoders import FROZEN_ARCHS
         if value not in FROZEN_ARCHS:
             raise ValueError(f"frozen_arch must be one of {list(FROZEN_ARCHS)}, got {value!r}")
-    elif key == "critic_dropout" and not 0 <= value < 1:
-        raise ValueError(f"critic_dropout must be in [0, 1), got {value!r}")
     elif key == "stddev_schedule":
         from robolearn.agents.drqv2 import stddev
         try:
@@ -148,7 +149,10 @@ def make_agent_config(name: str, overrides: dict, seed: int, env=None, saved: di
         base = {**asdict(cfg_cls()), "seed": seed, **spec.env_defaults(env)}
     else:
         base = dict(saved)
-        fixed = sorted(k for k, v in overrides.items() if k not in RESUME_SAFE and _plain(v) != _plain(saved.get(k)))
+        # A field newer than the checkpoint has its default there (the config class fills it in).
+        defaults = asdict(cfg_cls())
+        fixed = sorted(k for k, v in overrides.items()
+                       if k not in RESUME_SAFE and _plain(v) != _plain(saved.get(k, defaults.get(k))))
         if fixed:
             raise ValueError(f"--set {', '.join(fixed)} cannot change on --resume: the saved networks or replay "
                              f"depend on it; a resumed run may change {', '.join(sorted(RESUME_SAFE & set(hints)))}")
@@ -356,8 +360,8 @@ class Trainer:
         batch = sample_batch(self.replay, self.params, self.rng)
         if self.step % LOG_EVERY:
             return self.agent.update(batch, self.step)
-        # One update in LOG_EVERY is logged, with the dormant ratio of each network it trains (DrM's
-        # diagnostic, robolearn.agents.dormant): hooks on that update's own forward passes, no extra pass.
+        # The update at every LOG_EVERY-th agent step is logged, with the dormant ratio of each network it trains
+        # (DrM's diagnostic, robolearn.agents.dormant): hooks on that update's own forward passes, no extra pass.
         with probe_agent(self.agent) as probe:
             metrics = self.agent.update(batch, self.step)
         for k, v in metrics.items():

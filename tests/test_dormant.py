@@ -45,6 +45,19 @@ def test_each_ensemble_member_is_normalized_on_its_own():
     assert probe.ratios() == {"critic": 2 / 16}
 
 
+def test_every_hidden_layer_of_an_ensemble_counts_on_its_own_even_with_unequal_widths():
+    torch.manual_seed(0)
+    critic = EnsembleCritic(5, (8, 4), 3, "relu")
+    with torch.no_grad():
+        critic.ln_biases[1][:, 0, 0] = -1e3  # layer 2, neuron 0 of every member: ReLU(-1000) = 0
+    with DormantProbe({"critic": critic}) as probe:
+        critic(torch.randn(64, 3), torch.randn(64, 2))
+    assert len(probe.layers["critic"]) == 2
+    # 3 members x (8 + 4) neurons; LayerNorm then ReLU leaves some others dormant too, but at least those 3.
+    ratio = probe.ratios()["critic"]
+    assert ratio * 36 == round(ratio * 36) and ratio >= 3 / 36
+
+
 def test_an_agent_probe_reads_the_trained_networks_only_and_removes_its_hooks():
     agent = SERLAgent(STATE_SPACE, ACTION_SPACE, SERLConfig(hidden_dims=(32, 32), batch_size=16, utd_ratio=2),
                       device="cpu")
@@ -59,6 +72,31 @@ def test_an_agent_probe_reads_the_trained_networks_only_and_removes_its_hooks():
     ratios = probe.ratios()
     assert set(ratios) == {"actor", "critic"} and all(0.0 <= r < 0.5 for r in ratios.values())
     assert not any(m._forward_hooks for layers in probe.layers.values() for m in layers)
+    assert probe_agent(object()).layers == {}  # an agent without _modules: nothing to read, no error
+
+
+def test_each_agent_logs_the_networks_its_update_trains(tmp_path):
+    """The table in docs/agent_variants.md, for each registered agent."""
+    from test_dsrl import tiny_base
+
+    from robolearn.agents.diffusion import DiffusionAgent, DiffusionConfig
+    from robolearn.agents.drqv2 import DrQV2Agent, DrQV2Config
+    from robolearn.agents.dsrl import DSRLAgent, DSRLConfig
+    from robolearn.agents.expo import EXPOAgent, EXPOConfig
+
+    space = gym.spaces.Dict({"state": gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)})
+    pixels = gym.spaces.Dict({"images/front": gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)})
+    base = str(tiny_base(tmp_path))
+    agents = {
+        "drqv2": DrQV2Agent(pixels, ACTION_SPACE, DrQV2Config(hidden_dim=16, feature_dim=8), device="cpu"),
+        "diffusion": DiffusionAgent(space, ACTION_SPACE, DiffusionConfig(denoiser="mlp", mlp_hidden_dims=(16,)),
+                                    device="cpu"),
+        "dsrl": DSRLAgent(space, ACTION_SPACE, DSRLConfig(base=base), device="cpu"),
+        "expo": EXPOAgent(space, ACTION_SPACE, EXPOConfig(base=base), device="cpu"),
+    }
+    expected = {"drqv2": {"encoder", "actor", "critic"}, "diffusion": {"model"},
+                "dsrl": {"actor", "critic", "noise_critic"}, "expo": {"base_model", "actor", "critic"}}
+    assert {name: set(probe_agent(agent).layers) for name, agent in agents.items()} == expected
 
 
 def test_training_logs_the_dormant_ratio_of_each_network(tmp_path):

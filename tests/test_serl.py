@@ -394,6 +394,13 @@ def test_droq_dropout_critic_trains_is_validated_and_round_trips():
 
     with pytest.raises(ValueError, match=r"critic_dropout must be in \[0, 1\), got 1.5"):
         make_agent_config("serl", {"critic_dropout": 1.5}, 0)
+    # Resuming a checkpoint from before the option: it had no dropout, so 0 is no change and 0.01 is one.
+    from dataclasses import asdict
+
+    saved = {k: v for k, v in asdict(SERLConfig()).items() if k != "critic_dropout"}
+    assert make_agent_config("serl", {"critic_dropout": 0.0}, 0, saved=saved).critic_dropout == 0.0
+    with pytest.raises(ValueError, match="critic_dropout cannot change on --resume"):
+        make_agent_config("serl", {"critic_dropout": 0.01}, 0, saved=saved)
 
 
 @pytest.mark.parametrize("p", [0.01, 0.3, 0.9])
@@ -402,13 +409,28 @@ def test_dropout_mask_zeros_each_element_independently_with_probability_p(p):
 
     g = torch.Generator().manual_seed(0)
     mask = torch.cat([dropout_mask((50, 1000), p, g, "cpu").flatten() for _ in range(8)])
-    assert set(mask.unique().tolist()) <= {0.0, 1.0}
     zero = mask == 0
     sd = (p * (1 - p) / zero.numel()) ** 0.5
     assert abs(zero.float().mean().item() - p) < 5 * sd
     # Independence: a zero right after a zero is as likely as any zero.
     after_zero = (zero[1:] & zero[:-1]).sum().item() / zero[:-1].sum().item()
     assert abs(after_zero - p) < 5 * (p * (1 - p) / zero[:-1].sum().item()) ** 0.5
+    kept = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).item()  # inverted dropout: kept elements scaled
+    assert set(mask.unique().tolist()) <= {0.0, kept}
     # The same generator state draws the same mask (resume and checkpoint copies rely on it).
     a, b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     assert torch.equal(dropout_mask((3, 64, 64), p, a, "cpu"), dropout_mask((3, 64, 64), p, b, "cpu"))
+
+
+def test_dropout_mask_rounds_of_gaps_continue_where_the_last_ended_and_p_is_checked():
+    from robolearn.agents.serl import dropout_mask
+
+    g = torch.Generator().manual_seed(0)
+    # 4 gaps per round: ~100 rounds for 50k elements at p = 0.01, each starting after the previous zero.
+    zero = torch.cat([dropout_mask((50_000,), 0.01, g, "cpu", draws=4) == 0 for _ in range(8)])
+    sd = (0.01 * 0.99 / zero.numel()) ** 0.5
+    assert abs(zero.float().mean().item() - 0.01) < 5 * sd
+    assert dropout_mask((4, 5), 0.01, g, "cpu", torch.float64).dtype == torch.float64
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match=r"dropout_mask: p must be in \(0, 1\)"):
+            dropout_mask((4,), bad, g, "cpu")

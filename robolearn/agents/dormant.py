@@ -59,12 +59,14 @@ class DormantProbe:
         self._handles = []
 
     def _hook(self, module: nn.Module, _inputs, output) -> None:
-        h = output.detach().abs()
-        if getattr(module, "member_dim", None) is not None:  # (E, B, H): per member
+        h = output.detach().float().abs()
+        member = getattr(module, "member_dim", None)
+        if member is not None:  # (E, B, H) with E on member_dim: per member
+            h = h.movedim(member, 0)
             total, n = h.sum(dim=1), h.shape[1]
         else:  # channels on dim 1, everything else averaged
-            h = h.transpose(0, 1).reshape(h.shape[1], -1)
-            total, n = h.sum(dim=1, keepdim=True).T, h.shape[1]
+            rest = (0, *range(2, h.ndim))
+            total, n = h.sum(dim=rest)[None], h.numel() // h.shape[1]
         self._sums[module] = self._sums.get(module, 0) + total.float()
         self._counts[module] = self._counts.get(module, 0) + n
 
@@ -98,5 +100,7 @@ class DormantProbe:
 
 
 def probe_agent(agent, tau: float = TAU) -> DormantProbe:
-    """A probe over the agent's checkpointed networks (its `_modules()`) that its update trains."""
-    return DormantProbe(agent._modules(), tau)
+    """A probe over the agent's checkpointed networks (its `_modules()`, which robolearn's agents have) that its
+    update trains; an agent without `_modules` gets an empty probe (no dormant/* scalars)."""
+    modules = getattr(agent, "_modules", None)
+    return DormantProbe(modules() if callable(modules) else {}, tau)

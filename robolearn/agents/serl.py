@@ -100,18 +100,33 @@ ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu, "silu": F.sil
 
 # -- networks --------------------------------------------------------------------------------
 
-def dropout_mask(shape, p: float, generator: torch.Generator | None, device) -> torch.Tensor:
-    """A float mask of `shape`: each element 0 with probability p, independently (dropout's), else 1.
+# Above this rate a Bernoulli draw per element costs less than the gaps between drops (below).
+GAP_SAMPLING_MAX_P = 0.05
 
-    Drawn as the gaps between zeros, which are Geometric(p): floor(log U / log(1 - p)) + 1. Its cost
-    grows with the zeros, not the elements: CPU random numbers cost ~6 ns each, so a Bernoulli per
-    element of a (2, 256, 256) activation took 0.8 ms, as long as the rest of a critic step's layer,
-    and this takes a tenth of that at p = 0.01 (DroQ's rate)."""
+
+@torch.compiler.disable  # a data-dependent loop and a generator argument: left to eager mode under torch.compile
+def dropout_mask(shape, p: float, generator: torch.Generator | None, device, dtype=torch.float32,
+                 draws: int | None = None) -> torch.Tensor:
+    """Inverted dropout's mask of `shape`: each element 0 with probability p, independently, else 1 / (1 - p).
+
+    On a CPU at p <= GAP_SAMPLING_MAX_P it is drawn as the gaps between zeros, which are Geometric(p):
+    floor(log U / log(1 - p)) + 1, `draws` per round (default: enough for one round but once in ~1e9).
+    That costs in proportion to the zeros, not the elements: CPU random numbers cost ~6 ns each, so a
+    Bernoulli per element of a (2, 256, 256) activation took 0.8 ms, as long as the rest of that layer's
+    critic step, and the gaps 0.15 ms at p = 0.01 (DroQ's rate; a busy 2-core VM). On a GPU, or at a
+    higher p, one Bernoulli kernel is cheaper. The choice depends on (p, device) only, so a run draws
+    the same masks whenever its generator's state is the same."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"dropout_mask: p must be in (0, 1), got {p!r}")
+    device = torch.device(device)
+    keep = 1.0 / (1.0 - p)
+    if device.type != "cpu" or p > GAP_SAMPLING_MAX_P:
+        return (torch.rand(shape, generator=generator, device=device) >= p).to(dtype) * keep
     n = math.prod(shape)
-    mask = torch.ones(n, device=device)
+    mask = torch.full((n,), keep, device=device, dtype=dtype)
     log_q, last = math.log1p(-p), -1.0
     while True:
-        m = int(n * p + 6.0 * math.sqrt(n * p) + 16)
+        m = draws or int(n * p + 6.0 * math.sqrt(n * p) + 16)
         u = torch.rand(m, generator=generator, device=device, dtype=torch.float64)
         zeros = last + torch.cumsum(torch.floor(torch.log1p(-u) / log_q) + 1.0, 0)
         inside = zeros[zeros < n]
@@ -151,8 +166,12 @@ class EnsembleCritic(nn.Module):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"critic dropout must be in [0, 1), got {dropout!r}")
-        self.num, self.act, self.dropout = num, EnsembleActivation(activation), float(dropout)
-        self.generator: torch.Generator | None = None  # dropout's masks (the agent's update stream); None: global
+        # One activation module per hidden layer, so forward hooks (robolearn.agents.dormant) see each layer.
+        self.num, self.dropout = num, float(dropout)
+        self.acts = nn.ModuleList(EnsembleActivation(activation) for _ in hidden_dims)
+        # Dropout's masks come from this generator (the owning agent's update stream, set after any deepcopy: a
+        # copy carries a clone of it, which no checkpoint saves); None: torch's global generator.
+        self.generator: torch.Generator | None = None
         dims = (in_dim, *hidden_dims, 1)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -178,8 +197,8 @@ class EnsembleCritic(nn.Module):
             if i > 0:
                 h = torch.baddbmm(bs[i], h, ws[i])
             if self.dropout and self.training:  # masks from self.generator, so a resumed run draws the same
-                h = h * dropout_mask(h.shape, self.dropout, self.generator, h.device) * (1.0 / (1.0 - self.dropout))
-            h = self.act(torch.addcmul(lbs[i], F.layer_norm(h, h.shape[-1:]), lws[i]))
+                h = h * dropout_mask(h.shape, self.dropout, self.generator, h.device, h.dtype)
+            h = self.acts[i](torch.addcmul(lbs[i], F.layer_norm(h, h.shape[-1:]), lws[i]))
         return torch.baddbmm(bs[-1], h, ws[-1]).squeeze(-1)
 
 
