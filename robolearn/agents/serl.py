@@ -295,6 +295,8 @@ def redq_min(agent, feat: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
     """REDQ's target value (B,): the min over cfg.critic_subsample target members drawn from agent.update_gen."""
     cfg = agent.cfg
     members = torch.randperm(cfg.num_critics, device=agent.device, generator=agent.update_gen)[:cfg.critic_subsample]
+    if cfg.critic_subsample >= cfg.num_critics:  # every member (the CPU setting's 2 of 2): the same min without
+        members = None                           # copying the weights out; the draw above keeps the RNG stream
     return agent.critic_target(feat, action, members).min(dim=0).values
 
 
