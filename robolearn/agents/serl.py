@@ -77,7 +77,9 @@ class SERLConfig:
     aug_pad: int = 4
     frozen_encoder: str | None = None  # weights file (.safetensors / .pt) of a pretrained encoder
     frozen_arch: str = "resnet10"  # resnet10 | resnet18 | drq (see encoders.FrozenEncoder)
-    # torch.compile the critic ensemble: 1.1-1.3x faster CPU updates; 25-50 s to compile at first.
+    # torch.compile the critic ensemble (25-50 s to compile at first). Measured at f6402c7 on the 2-core VM, 1
+    # thread, CPU_OVERRIDES: no faster (167-173 against 172-180 critic steps/s), and with critic_dropout 20%
+    # slower (119 against 146-149: the masks break the graph); an older tree measured 1.1-1.3x.
     compile: bool = False
     seed: int = 0
 
