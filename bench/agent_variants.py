@@ -40,6 +40,8 @@ ENV_KWARGS = {"terminate_on_success": False}  # SERL's pick-cube, as bench/serl_
 VARIANTS = {
     "serl": {},
     "droq": {"critic_dropout": 0.01},
+    # DroQ with ReLU (DroQ's and RLPD's activation) in place of SERL's tanh, for actor and critic alike.
+    "droq_relu": {"critic_dropout": 0.01, "activation": "relu"},
 }
 GOAL_STEPS, GOAL_MINUTES = 10_000, 10.0
 
