@@ -13,8 +13,9 @@ it early in visual RL, when an agent's actions barely change with what it sees.
 `DormantProbe` measures it during an agent's own update, with forward hooks on the activation
 modules of the networks the update trains (those with a parameter that requires grad: the actor,
 the critic, an encoder; never a target network or a frozen base). Every forward pass during the
-probe counts, so the statistics cover the update's batch. The training loop probes one update in
-250 and logs `dormant/<network>` to TensorBoard for every agent (robolearn.train).
+probe counts, so the statistics cover the update's batch. The training loop probes the update at
+every agent step that is a multiple of robolearn.train.LOG_EVERY (250) and logs `dormant/<network>`
+to TensorBoard for every agent.
 
 Neurons: the channel axis (dim 1) of an activation's output, which is the feature axis of (B, H)
 and the channel axis of convolutions (B, C, ...). An activation module with `member_dim` (the
@@ -67,7 +68,7 @@ class DormantProbe:
         else:  # channels on dim 1, everything else averaged
             rest = (0, *range(2, h.ndim))
             total, n = h.sum(dim=rest)[None], h.numel() // h.shape[1]
-        self._sums[module] = self._sums.get(module, 0) + total.float()
+        self._sums[module] = self._sums.get(module, 0) + total
         self._counts[module] = self._counts.get(module, 0) + n
 
     def __enter__(self) -> "DormantProbe":
