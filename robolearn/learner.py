@@ -129,7 +129,7 @@ class Learner:
             self.params["seed_steps"] = max(self.params["seed_steps"],
                                             registry.get(self.cfg.agent).seed_steps_without_demos)
         train_cfg = TrainConfig(agent=self.cfg.agent, demos=self.cfg.demos, replay_capacity=self.cfg.replay_capacity)
-        self.replay = make_replay(train_cfg, env, self.params)
+        self.replay = make_replay(train_cfg, env, self.params, agent=self.agent)
         self.spec = spec
 
     def _resume(self) -> None:

@@ -468,10 +468,12 @@ class ReplayBuffer:
     # -- demonstrations ------------------------------------------------------------------------
     @classmethod
     def from_dataset(cls, dataset: Dataset | str | os.PathLike, observation_space=None, action_space=None,
-                     capacity: int | None = None, **kwargs) -> "ReplayBuffer":
+                     capacity: int | None = None, view: tuple | None = None, **kwargs) -> "ReplayBuffer":
         """A buffer holding every episode of `dataset`; spaces default to the dataset's own.
 
         Pass the env's spaces to have the dataset checked against them (DatasetError names the key).
+        view: (stored space, obs_fn), as MappedReplay's: the buffer holds obs_fn of each episode's
+        observations, and the dataset is checked against `observation_space`, what obs_fn reads.
         """
         if not isinstance(dataset, Dataset):
             dataset = Dataset(dataset)
@@ -485,8 +487,9 @@ class ReplayBuffer:
         if capacity is None:
             capacity = dataset.num_steps + len(dataset)
         min_capacity = kwargs.get("nstep", 1) + kwargs.get("frame_stack", 1) + 1
-        buf = cls(max(int(capacity), min_capacity), observation_space, action_space, **kwargs)
-        load_dataset(buf, dataset)
+        buf = cls(max(int(capacity), min_capacity), observation_space if view is None else view[0], action_space,
+                  **kwargs)
+        load_dataset(buf, dataset, None if view is None else (observation_space, view[1]))
         return buf
 
     # -- save / load ---------------------------------------------------------------------------
@@ -583,24 +586,54 @@ def _spaces_from_spec(spec: Mapping[str, dict]):
     return Dict(spaces)
 
 
-def load_dataset(buffer: ReplayBuffer, dataset: Dataset | str | os.PathLike) -> None:
-    """Append every episode of `dataset` to `buffer`; DatasetError names a mismatching key."""
+def load_dataset(buffer: ReplayBuffer, dataset: Dataset | str | os.PathLike, mapped: tuple | None = None) -> None:
+    """Append every episode of `dataset` to `buffer`; DatasetError names a mismatching key.
+
+    mapped: (observation space, obs_fn): the dataset is checked against that space and the buffer
+    gets obs_fn of each episode's observations (MappedReplay)."""
     if not isinstance(dataset, Dataset):
         dataset = Dataset(dataset)
     where = f"dataset {dataset.path}"
-    compare_observation_specs(dataset.observation_spec, buffer.obs_spec, where, "the replay buffer")
+    expected = buffer.obs_spec if mapped is None else observation_spec(mapped[0])
+    compare_observation_specs(dataset.observation_spec, expected, where,
+                              "the replay buffer" if mapped is None else "the env")
     if tuple(dataset.action_spec["shape"]) != buffer.action_shape:
         raise DatasetError(f"{where}: action shape {tuple(dataset.action_spec['shape'])} in the dataset but "
                            f"{buffer.action_shape} in the replay buffer")
     for ep in dataset:  # an episode stopped without a terminal flag bootstraps from its last obs
-        buffer.add_episode(ep["obs"], ep["action"], ep["reward"], ep["terminated"], ep["truncated"],
-                           ep["intervention"])
+        obs = ep["obs"] if mapped is None else mapped[1](ep["obs"])
+        buffer.add_episode(obs, ep["action"], ep["reward"], ep["terminated"], ep["truncated"], ep["intervention"])
 
 
 def _concat(parts: list[dict]) -> dict:
     """Batches (nested dicts of arrays) joined along the batch axis."""
     return {k: _concat([p[k] for p in parts]) if isinstance(v, dict) else np.concatenate([p[k] for p in parts])
             for k, v in parts[0].items()}
+
+
+class MappedReplay:
+    """A replay that stores `obs_fn(obs)` of every observation added, e.g. a frozen encoder's features in
+    place of the frames they came from (SERLAgent.replay_view): the features are computed once per env
+    step instead of once per sample, and a batch copies 2 KB per camera instead of a frame. Everything
+    else (sampling, sizes, save and load, the online and demo buffers) is the inner replay's."""
+
+    def __init__(self, inner, obs_fn: Callable[[Mapping[str, np.ndarray]], dict]):
+        self.inner, self.obs_fn = inner, obs_fn
+
+    def __getattr__(self, name: str):
+        if name == "inner":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def add_first(self, obs: Mapping[str, np.ndarray]) -> None:
+        self.inner.add_first(self.obs_fn(obs))
+
+    def add(self, action, reward: float, next_obs: Mapping[str, np.ndarray], terminated: bool, truncated: bool,
+            intervention: bool = False) -> None:
+        self.inner.add(action, reward, self.obs_fn(next_obs), terminated, truncated, intervention)
 
 
 class MixedReplay:

@@ -24,7 +24,7 @@ from robolearn import checkpoint as ckpt_io
 from robolearn.agents import registry
 from robolearn.agents.dormant import probe_agent
 from robolearn.agents.errors import NonFiniteActionError, NonFiniteLossError
-from robolearn.replay import MixedReplay, ReplayBuffer
+from robolearn.replay import MappedReplay, MixedReplay, ReplayBuffer
 from robolearn.rollout import SUCCESS_KEY, AgentPolicy, episode_success, make_env, run_episodes
 
 
@@ -81,7 +81,8 @@ def check_train_config(cfg: TrainConfig) -> None:
 POSITIVE = {"batch_size", "utd_ratio", "num_critics", "critic_subsample", "nstep", "frame_stack", "feature_dim",
             "hidden_dims", "hidden_dim", "conv_channels", "conv_strides", "action_repeat", "update_every_steps",
             "num_train_frames", "replay_buffer_size", "encoder_chunk_size", "lr", "init_temperature", "actor_steps",
-            "critic_passes", "bc_steps", "noise_critic_steps"}
+            "critic_passes", "bc_steps", "noise_critic_steps", "simba_hidden_dim", "simba_blocks", "simba_atoms",
+            "simba_v_max", "simba_c_shift"}
 NON_NEGATIVE = {"aug_pad", "num_seed_frames", "stddev_clip"}
 FRACTIONS = {"gamma", "discount", "tau", "critic_target_tau"}  # in [0, 1]
 RATES = {"critic_dropout"}  # in [0, 1)
@@ -118,6 +119,10 @@ def _check_agent_option(key: str, value, hint):
         from robolearn.agents.serl import ACTIVATIONS
         if value not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {value!r}")
+    elif key == "network":
+        from robolearn.agents.serl import NETWORKS
+        if value not in NETWORKS:
+            raise ValueError(f"network must be one of {list(NETWORKS)}, got {value!r}")
     elif key == "frozen_arch":
         from robolearn.agents.encoders import FROZEN_ARCHS
         if value not in FROZEN_ARCHS:
@@ -177,9 +182,18 @@ def build_agent(name: str, env, overrides: dict, seed: int, agent_config: dict |
     return registry.get(name).agent_cls(env.observation_space, env.action_space, cfg), cfg
 
 
-def make_replay(cfg: TrainConfig, env, params: dict, offline: bool = False):
-    """The online buffer, mixed 50/50 with the --demos buffer when given; the demos alone when `offline`."""
-    online = ReplayBuffer(cfg.replay_capacity, env.observation_space, env.action_space,
+def make_replay(cfg: TrainConfig, env, params: dict, offline: bool = False, agent=None):
+    """The online buffer, mixed 50/50 with the --demos buffer when given; the demos alone when `offline`.
+
+    An agent with a `replay_view()` that returns (space, obs_fn) (SERL with a frozen encoder) gets a
+    MappedReplay storing obs_fn of every observation, demos included."""
+    view = agent.replay_view() if hasattr(agent, "replay_view") else None
+    replay = _make_replay(cfg, env, params, offline, view)
+    return replay if view is None else MappedReplay(replay, view[1])
+
+
+def _make_replay(cfg: TrainConfig, env, params: dict, offline: bool, view: tuple | None):
+    online = ReplayBuffer(cfg.replay_capacity, env.observation_space if view is None else view[0], env.action_space,
                           frame_stack=params["frame_stack"], nstep=params["nstep"], gamma=params["gamma"])
     if not cfg.demos:
         return online
@@ -194,7 +208,7 @@ def make_replay(cfg: TrainConfig, env, params: dict, offline: bool = False):
     # a buffer sized to the dataset alone would overwrite the oldest demos with the first correction.
     room = 0 if offline else min(cfg.replay_capacity, 100_000)
     demo = ReplayBuffer.from_dataset(demos, env.observation_space, env.action_space,
-                                     capacity=demos.num_steps + len(demos) + room,
+                                     capacity=demos.num_steps + len(demos) + room, view=view,
                                      frame_stack=params["frame_stack"], nstep=params["nstep"], gamma=params["gamma"])
     return demo if offline else MixedReplay(online, demo, demo_ratio=0.5)
 
@@ -293,7 +307,7 @@ class Trainer:
             self.params["seed_steps"] = cfg.seed_steps
         elif not cfg.demos:
             self.params["seed_steps"] = max(self.params["seed_steps"], self.spec.seed_steps_without_demos)
-        self.replay = make_replay(cfg, self.env, self.params, offline=self.spec.offline)
+        self.replay = make_replay(cfg, self.env, self.params, offline=self.spec.offline, agent=self.agent)
         if state is not None:
             self._restore(ckpt, state)
 

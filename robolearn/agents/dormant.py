@@ -33,7 +33,8 @@ ACTIVATION_TYPES = (nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn
 
 def is_activation(module: nn.Module) -> bool:
     """Whether the probe reads `module`'s output: torch's activations, and ours, which say so with
-    `dormant_probe = True` (robolearn.agents.diffusion.Mish, robolearn.agents.serl.EnsembleActivation)."""
+    `dormant_probe = True` (robolearn.agents.diffusion.Mish, robolearn.agents.serl.EnsembleActivation,
+    robolearn.agents.simba.HyperReLU)."""
     return isinstance(module, ACTIVATION_TYPES) or bool(getattr(module, "dormant_probe", False))
 
 

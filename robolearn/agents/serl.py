@@ -18,6 +18,10 @@ and store the returned `features/<cam>` arrays next to the frames, and update() 
 are; otherwise update() encodes the batch's frames once per call (under no_grad, with random
 shift) and shares the result across the utd minibatches. Cached features cannot be augmented:
 that is the price of never re-running a large encoder per update.
+
+Networks: SERL's LayerNorm MLPs (`network="mlp"`), or SimbaV2's hyperspherical networks with a distributional
+critic and reward scaling (`network="simbav2"`, robolearn.agents.simba): the critic's TD step then projects the
+backup's distribution onto the critic's support and trains by cross-entropy (`_update_critic`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robolearn.agents import simba
 from robolearn.agents.base import default_device, obs_to_torch
 from robolearn.agents.encoders import DictObsEncoder, FrozenEncoder, feature_key, image_keys_of, random_shift
 from robolearn.agents.errors import check_batch_finite, check_finite
@@ -63,6 +68,18 @@ class SERLConfig:
     critic_dropout: float = 0.0
     hidden_dims: tuple[int, ...] = (256, 256)
     activation: str = "tanh"  # SERL: tanh after LayerNorm; RLPD: relu (~15% faster on CPU)
+    # "mlp": the LayerNorm MLPs above (hidden_dims, activation); "simbav2": SimbaV2 (Lee et al. 2025) for actor and
+    # critic alike, with a categorical critic and reward scaling (robolearn.agents.simba). The simba_* fields
+    # shape SimbaV2's networks only. The paper's critic is 512 wide with 2 blocks, its actor 128 with 1; one
+    # 128-wide block each costs a CPU critic step ~2x the MLP's FLOPs.
+    network: str = "mlp"
+    simba_hidden_dim: int = 128
+    simba_blocks: int = 1  # LERP residual blocks per network
+    simba_atoms: int = 101  # the critic's support: simba_atoms returns evenly spaced in [-simba_v_max, simba_v_max]
+    # The support's half-width in scaled-reward units: rewards are divided by a running return scale that keeps
+    # |returns| within it (the paper's normalized G_max 5; PickCube's returns, below 63, scale to ~3).
+    simba_v_max: float = 5.0
+    simba_c_shift: float = 3.0  # the constant appended to the input before its l2 normalization (paper)
     init_temperature: float = 0.01  # SERL; RLPD starts at 1.0
     target_entropy: float | None = None  # None: -|A|/2 (RLPD, SERL)
     backup_entropy: bool = False  # SERL default for state and pixels
@@ -98,6 +115,23 @@ class SERLConfig:
 CPU_OVERRIDES = {"num_critics": 2, "utd_ratio": 8, "nstep": 3}
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+NETWORKS = ("mlp", "simbav2")
+
+
+def check_networks(cfg: SERLConfig) -> None:
+    """The network options' values (robolearn.train checks --set's types and signs first); ValueError names one."""
+    if cfg.network not in NETWORKS:
+        raise ValueError(f"network must be one of {list(NETWORKS)}, got {cfg.network!r}")
+    for name, least in (("simba_hidden_dim", 1), ("simba_blocks", 1), ("simba_atoms", 2)):
+        if not getattr(cfg, name) >= least:
+            raise ValueError(f"{name} must be at least {least}, got {getattr(cfg, name)!r}")
+    for name in ("simba_v_max", "simba_c_shift"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)!r}")
+    if cfg.network == "simbav2" and cfg.critic_dropout:
+        # DroQ's dropout sits before a LayerNorm, which SimbaV2 replaces by its l2 normalization; untested together.
+        raise ValueError(f"critic_dropout must be 0 with network=simbav2 (DroQ's dropout is for the mlp critic), "
+                         f"got {cfg.critic_dropout!r}")
 
 
 # -- networks --------------------------------------------------------------------------------
@@ -219,9 +253,10 @@ class TanhGaussianActor(nn.Module):
     """A state-dependent Gaussian squashed by tanh into [-1, 1]."""
 
     def __init__(self, in_dim: int, action_dim: int, hidden_dims: tuple[int, ...], activation: str,
-                 log_std_min: float, log_std_max: float):
+                 log_std_min: float, log_std_max: float, net: nn.Module | None = None):
         super().__init__()
-        self.net = mlp(in_dim, hidden_dims, 2 * action_dim, activation)
+        # `net`: another (B, in_dim) -> (B, 2 * action_dim) network (SimbaV2's) in place of the MLP.
+        self.net = mlp(in_dim, hidden_dims, 2 * action_dim, activation) if net is None else net
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
 
     def forward(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,20 +328,28 @@ def mean_metrics(steps) -> dict[str, torch.Tensor]:
     return {k: torch.stack([s[k] for s in steps]).mean() for k in steps[0]}
 
 
-def redq_min(agent, feat: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """REDQ's target value (B,): the min over cfg.critic_subsample target members drawn from agent.update_gen."""
+def redq_members(agent) -> torch.Tensor | None:
+    """REDQ's cfg.critic_subsample target members, drawn from agent.update_gen; None for all of them."""
     cfg = agent.cfg
     members = torch.randperm(cfg.num_critics, device=agent.device, generator=agent.update_gen)[:cfg.critic_subsample]
     if cfg.critic_subsample >= cfg.num_critics:  # every member (the CPU setting's 2 of 2): the same min without
         members = None                           # copying the weights out; the draw above keeps the RNG stream
-    return agent.critic_target(feat, action, members).min(dim=0).values
+    return members
 
 
-def critic_step(agent, q: torch.Tensor, target: torch.Tensor, step: int, batch: dict) -> dict[str, torch.Tensor]:
+def redq_min(agent, feat: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """REDQ's target value (B,): the min over cfg.critic_subsample target members drawn from agent.update_gen."""
+    return agent.critic_target(feat, action, redq_members(agent)).min(dim=0).values
+
+
+def critic_step(agent, q: torch.Tensor, target: torch.Tensor, step: int, batch: dict,
+                loss: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One TD step of agent.critic (its Q-values `q`, (E, B), with their graph) towards `target` (B,), then a
     Polyak step of agent.critic_target; for an agent with critic_opt, _online/_target parameter lists,
-    cfg.tau and critic_updates (SERLAgent, DSRLAgent, EXPOAgent)."""
-    loss = (q - target).pow(2).mean()  # mean over members and batch, as RLPD
+    cfg.tau and critic_updates (SERLAgent, DSRLAgent, EXPOAgent). `loss`: one already computed from the same
+    graph (SimbaV2's cross-entropy) in place of the MSE; `q` and `target` are then the metrics' expected values."""
+    if loss is None:
+        loss = (q - target).pow(2).mean()  # mean over members and batch, as RLPD
     check_finite(loss, "critic", step, batch)
     agent.critic_opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -330,6 +373,7 @@ class SERLAgent:
             raise ValueError(f"SERLAgent expects a normalized Box(-1, 1) action space, got {action_space}")
         if cfg.critic_subsample > cfg.num_critics:
             raise ValueError(f"critic_subsample {cfg.critic_subsample} > num_critics {cfg.num_critics}")
+        check_networks(cfg)
         self.observation_space, self.action_space = observation_space, action_space
         self.action_dim = int(np.prod(action_space.shape))
         self.target_entropy = (-self.action_dim / 2.0 if cfg.target_entropy is None else float(cfg.target_entropy))
@@ -343,11 +387,18 @@ class SERLAgent:
             self.encoder = DictObsEncoder(
                 observation_space, cfg.proprio_keys, self.image_keys, cfg.frame_stack, cfg.feature_dim,
                 cfg.conv_strides, None if self.frozen is None else self.frozen.out_dim, cfg.aug_pad).to(self.device)
-            d = self.encoder.out_dim
-            self.actor = TanhGaussianActor(d, self.action_dim, cfg.hidden_dims, cfg.activation,
-                                           cfg.log_std_min, cfg.log_std_max).to(self.device)
-            self.critic = EnsembleCritic(d + self.action_dim, cfg.hidden_dims, cfg.num_critics,
-                                         cfg.activation, cfg.critic_dropout).to(self.device)
+            d, a = self.encoder.out_dim, self.action_dim
+            simba_v2 = cfg.network == "simbav2"
+            net = (simba.SimbaV2Net(d, 2 * a, cfg.simba_hidden_dim, cfg.simba_blocks, cfg.simba_c_shift)
+                   if simba_v2 else None)
+            self.actor = TanhGaussianActor(d, a, cfg.hidden_dims, cfg.activation, cfg.log_std_min, cfg.log_std_max,
+                                           net).to(self.device)
+            if simba_v2:
+                self.critic = simba.SimbaV2Critic(d + a, cfg.num_critics, cfg.simba_hidden_dim, cfg.simba_blocks,
+                                                  cfg.simba_atoms, cfg.simba_v_max, cfg.simba_c_shift).to(self.device)
+            else:
+                self.critic = EnsembleCritic(d + a, cfg.hidden_dims, cfg.num_critics, cfg.activation,
+                                             cfg.critic_dropout).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(cfg.init_temperature), device=self.device, requires_grad=True)
 
@@ -357,9 +408,16 @@ class SERLAgent:
         self.alpha_opt = adam([self.log_alpha], cfg.lr)
         self._online = list(self.critic.parameters())
         self._target = list(self.critic_target.parameters())
-        if cfg.compile:
-            self.critic.forward = torch.compile(self.critic.forward, dynamic=False)
-            self.critic_target.forward = torch.compile(self.critic_target.forward, dynamic=False)
+        # SimbaV2: weights back onto the unit sphere after every optimizer step (no-ops for the MLPs), and rewards
+        # divided by a running return scale whose statistics the state_dict holds.
+        simba.project_after_step(self.critic_opt, self.critic)
+        simba.project_after_step(self.actor_opt, self.actor)
+        self.reward_scaler = (simba.RewardScaler(cfg.gamma ** cfg.nstep, cfg.simba_v_max, self.device)
+                              if cfg.network == "simbav2" else None)
+        if cfg.compile:  # SimbaV2's critic: its log_probs, which forward() and the TD step both call
+            name = "forward" if self.reward_scaler is None else "log_probs"
+            for critic in (self.critic, self.critic_target):
+                setattr(critic, name, torch.compile(getattr(critic, name), dynamic=False))
 
         # Separate streams, so acting (possibly elsewhere) never changes what the learner samples.
         self.update_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
@@ -396,6 +454,23 @@ class SERLAgent:
             out[feature_key(key)] = f[0] if single else f
         return out
 
+    def replay_view(self):
+        """With a frozen encoder and frame_stack 1: (space, obs_fn) for a replay that stores the proprio
+        keys and the cached `features/<cam>` in place of frames (replay.MappedReplay); otherwise None.
+        update() then never runs the encoder, and act() still takes frames."""
+        if self.frozen is None or self.cfg.frame_stack != 1:
+            return None
+        from gymnasium import spaces
+
+        space = {k: self.observation_space.spaces[k] for k in self.cfg.proprio_keys}
+        for key in self.image_keys:
+            space[feature_key(key)] = spaces.Box(-np.inf, np.inf, (self.frozen.out_dim,), np.float32)
+
+        def obs_fn(obs):
+            return {**{k: obs[k] for k in self.cfg.proprio_keys}, **self.precompute(obs)}
+
+        return spaces.Dict(space), obs_fn
+
     # -- acting --------------------------------------------------------------------------------
     def reset(self) -> None:
         """Nothing to forget: the policy sees one observation."""
@@ -424,6 +499,8 @@ class SERLAgent:
             raise ValueError(f"batch of {n} does not split into utd_ratio={utd} minibatches "
                              f"(sample batch_size * utd_ratio = {cfg.batch_size * utd})")
         check_batch_finite(batch, "critic", step)
+        if self.reward_scaler is not None:  # the whole batch's rewards, before any step uses the scale
+            self.reward_scaler.observe(batch["reward"])
         # Frozen features once for the whole batch, shared by the utd minibatches.
         with torch.no_grad():
             obs = self._with_features(batch["obs"], augment=True)
@@ -434,6 +511,8 @@ class SERLAgent:
             steps.append(m)
         metrics = mean_metrics(steps)
         metrics.update(self._update_actor_and_alpha(feat.detach(), part, step))
+        if self.reward_scaler is not None:  # q and target_q are in rewards / reward_scale
+            metrics["reward_scale"] = self.reward_scaler.scale()
         out = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))
         out["alpha"] = float(self.log_alpha.detach().exp())
         return out
@@ -443,12 +522,24 @@ class SERLAgent:
         with torch.no_grad():
             next_feat = self.encoder(b["next_obs"], augment=True, generator=self.update_gen)
             next_action, next_log_prob = self.actor.sample(next_feat, self.update_gen)
-            next_q = redq_min(self, next_feat, next_action)
-            if cfg.backup_entropy:
-                next_q = next_q - self.alpha * next_log_prob
-            target = b["reward"] + b["discount"] * next_q
+            if self.reward_scaler is None:
+                next_q = redq_min(self, next_feat, next_action)
+                if cfg.backup_entropy:
+                    next_q = next_q - self.alpha * next_log_prob
+                target = b["reward"] + b["discount"] * next_q
+            else:  # SimbaV2: REDQ's drawn members, the distribution of the lowest, shifted and projected
+                support = self.critic.support
+                target_probs = simba.categorical_target(
+                    self.critic_target.log_probs(next_feat, next_action, redq_members(self)), support,
+                    b["reward"] / self.reward_scaler.scale(), b["discount"],
+                    -self.alpha * next_log_prob if cfg.backup_entropy else None)
+                target = (target_probs * support).sum(-1)
         feat = self.encoder(b["obs"], augment=True, generator=self.update_gen)
-        return feat, critic_step(self, self.critic(feat, b["action"]), target, step, b)
+        if self.reward_scaler is None:
+            return feat, critic_step(self, self.critic(feat, b["action"]), target, step, b)
+        log_probs = self.critic.log_probs(feat, b["action"])
+        return feat, critic_step(self, simba.expected_value(log_probs, support), target, step, b,
+                                 loss=simba.categorical_loss(log_probs, target_probs))
 
     def _update_actor_and_alpha(self, feat: torch.Tensor, b: dict, step: int) -> dict[str, torch.Tensor]:
         # The ensemble mean, as RLPD.
@@ -464,8 +555,9 @@ class SERLAgent:
         return {"critic": self.critic_opt, "actor": self.actor_opt, "alpha": self.alpha_opt}
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {"log_alpha": self.log_alpha, "counters/critic_updates": self.critic_updates,
-                "counters/actor_updates": self.actor_updates}
+        out = {"log_alpha": self.log_alpha, "counters/critic_updates": self.critic_updates,
+               "counters/actor_updates": self.actor_updates}
+        return out if self.reward_scaler is None else {**out, **self.reward_scaler.tensors()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor (safetensors-ready). The frozen encoder's weights are not included:
