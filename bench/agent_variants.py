@@ -11,7 +11,7 @@ Last stdout line, one JSON object: `variants` -> name -> `overrides`, `env_steps
 `minutes_to_90` (one per seed, null if never), `final_success`, `minutes_total`, `updates_per_s`
 (critic steps per second of one learner update on a batch of random transitions, median of 20,
 after training), `fraction_of_limit` (that rate against the machine's measured matmul rate divided
-by a critic step's FLOPs; null for SimbaV2, whose FLOPs it does not count) and `all_seeds_within`
+by a critic step's FLOPs; null for SimbaV2 and DrM, whose FLOPs it does not count) and `all_seeds_within`
 (every seed at 90% within 10k env steps and 10 minutes: the goal of issue 12); then `best` (the
 variant with the lowest median steps to 90%, never counting as --frames + 1), `seeds`,
 `frames_budget`, `threads`. A plot of evaluation success
@@ -48,6 +48,12 @@ VARIANTS = {
     # SimbaV2 (Lee et al. 2025): hyperspherical actor and critic, categorical critic, reward scaling, with SERLConfig's
     # simba_* defaults (128 wide, 1 block each). Not with DroQ: SERLAgent refuses critic_dropout with it.
     "simbav2": {"network": "simbav2"},
+    # DrM (Xu et al. 2024; robolearn.agents.drm) with SERLConfig's drm_* defaults (a perturbation every 2000 env
+    # steps). SERL's LayerNorm + tanh actor has read a dormant ratio of 0 on PickCube, where DrM reduces to a 10%
+    # shrink and perturb each interval and a backup that is 60% the expectile value net: its exploration term
+    # (the target entropy) stays at SERL's own. droq_drm: the same on DroQ's critic.
+    "drm": {"drm": True},
+    "droq_drm": {"critic_dropout": 0.01, "drm": True},
 }
 GOAL_STEPS, GOAL_MINUTES = 10_000, 10.0
 
@@ -131,7 +137,8 @@ def main() -> None:
     for name, res in variants.items():
         res.update({k: v for k, v in measure_updates(ENV_ID, ENV_KWARGS, res["overrides"]).items()
                     if k in ("updates_per_s", "fraction_of_limit", "arithmetic_limit_updates_per_s")})
-        if res["overrides"].get("network", "mlp") != "mlp":  # serl_pickcube counts an MLP critic's FLOPs only
+        # serl_pickcube counts an MLP critic's FLOPs only (not SimbaV2's, nor DrM's value network)
+        if res["overrides"].get("network", "mlp") != "mlp" or res["overrides"].get("drm"):
             res["fraction_of_limit"] = res["arithmetic_limit_updates_per_s"] = None
         res["all_seeds_within"] = all(s is not None and s <= GOAL_STEPS and m <= GOAL_MINUTES
                                       for s, m in zip(res["env_steps_to_90"], res["minutes_to_90"]))

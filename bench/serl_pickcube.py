@@ -6,9 +6,13 @@ measures critic updates/s beside the machine's arithmetic limit for that network
 measured matmul GFLOP/s divided by the FLOPs of one critic update).
 
 --pixels trains from the cameras plus proprioception instead: on a GPU PandaPickCubePixels at
-50k steps; on a CPU PandaReachPixels from the 64x64 wrist camera (target >= 90% within 10k steps), with
-the sparse reward and episodes that end on success (the tool within 2 cm of the target), and a
-setting the CPU can afford: UTD 1, batch 128, the cheaper (2, 2, 2, 1) conv strides.
+50k steps with SERL's end-to-end conv encoder; on a CPU PandaPickCubePixels from the 64x64 front and
+wrist cameras with 20 demos (target >= 80% within 30k steps and 60 minutes), through an encoder
+pretrained per seed on simulator frames (robolearn.agents.pretrain; its minutes are reported apart)
+and kept frozen, with its features cached in the replay, and DroQ's critic (make demo's setting).
+--pixels --task reach is the older CPU pixels check: PandaReachPixels from the 64x64 wrist camera
+(target >= 90% within 10k steps), sparse reward, episodes that end on success, end-to-end encoder
+at UTD 1, batch 128 and the cheaper (2, 2, 2, 1) conv strides.
 The last stdout line is one JSON object.
 """
 
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 import robolearn.sim as rsim
+from robolearn.agents.pretrain import PretrainConfig, pretrain_encoder
 from robolearn.agents.serl import CPU_OVERRIDES, SERLAgent, SERLConfig
 from robolearn.rollout import run_episodes, scripted_policy
 from robolearn.train import TrainConfig, train
@@ -141,9 +146,10 @@ def measure_busy(env_id: str, env_kwargs: dict, overrides: dict, busy: int, seco
     return out
 
 
-def to_90(history: dict) -> tuple[int | None, float | None]:
+def to_90(history: dict, target: float = 0.9) -> tuple[int | None, float | None]:
+    """Env steps and minutes at the first evaluation with success >= target (None, None if none)."""
     for env_steps, _ret, success, seconds in history["eval"]:
-        if success >= 0.9:
+        if success >= target:
             return int(env_steps), round(seconds / 60, 2)
     return None, None
 
@@ -157,8 +163,13 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="one seed, 4000 steps: a fast check that it runs")
     parser.add_argument("--pixels", action="store_true")
-    parser.add_argument("--cameras", nargs="+", default=["wrist"],
-                        help="--pixels on a CPU: PandaReach cameras (default: the wrist camera alone)")
+    parser.add_argument("--task", choices=("pickcube", "reach"), default="pickcube",
+                        help="--pixels on a CPU: PandaPickCubePixels through a pretrained frozen encoder "
+                             "(default), or the older PandaReachPixels check")
+    parser.add_argument("--cameras", nargs="+",
+                        help="--pixels on a CPU: the cameras (default: front and wrist for pickcube, wrist for reach)")
+    parser.add_argument("--pretrain-epochs", type=int, default=PretrainConfig.epochs,
+                        help="--pixels pickcube on a CPU: epochs of the encoder's pretraining")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--busy", type=int, metavar="N",
                         help="instead of the learning runs: learner updates/s idle and with N cores kept busy by "
@@ -172,13 +183,18 @@ def main() -> None:
     # its 100 steps, so holding the cube up keeps paying and success is judged at the last step).
     env_kwargs: dict = {"terminate_on_success": False}
     overrides: dict = dict(CPU_OVERRIDES)  # 2 critics, UTD 8, 3-step returns (see its comment)
+    target, pretrain = 0.9, False
     if args.pixels and torch.cuda.is_available():
         env_id, budget = "robolearn/PandaPickCubePixels-v0", 50_000
-    elif args.pixels:
+    elif args.pixels and args.task == "reach":
         env_id, budget = "robolearn/PandaReachPixels-v0", 10_000
         env_kwargs = {"terminate_on_success": True, "reward_type": "sparse", "image_size": 64,
-                      "cameras": tuple(args.cameras)}
+                      "cameras": tuple(args.cameras or ["wrist"])}
         overrides = {**overrides, "utd_ratio": 1, "batch_size": 128, "conv_strides": (2, 2, 2, 1)}
+    elif args.pixels:
+        env_id, budget, target, pretrain = "robolearn/PandaPickCubePixels-v0", 30_000, 0.8, True
+        env_kwargs = {**env_kwargs, "image_size": 64, "cameras": tuple(args.cameras or ["front", "wrist"])}
+        overrides = {**overrides, "critic_dropout": 0.01, "frozen_arch": "drq_state"}
     else:
         env_id, budget = "robolearn/PandaPickCube-v0", 20_000
     if args.busy is not None:
@@ -187,26 +203,40 @@ def main() -> None:
         return
     out_root = Path(args.out or ("runs/bench_serl_pixels" if args.pixels else "runs/bench_serl_pickcube"))
     seeds, frames = (args.seeds[:1], 4_000) if args.quick else (args.seeds, args.frames or budget)
-    result = {"env_id": env_id, "seeds": seeds, "frames_budget": frames, "env_steps_to_90": [],
-              "minutes_to_90": [], "final_success": [], "minutes_total": []}
+    pct = round(target * 100)
+    result = {"env_id": env_id, "seeds": seeds, "frames_budget": frames, "target_success": target,
+              f"env_steps_to_{pct}": [], f"minutes_to_{pct}": [], "final_success": [], "minutes_total": []}
+    if pretrain:
+        result.update(pretrain_minutes=[], pretrain_metrics=[])
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             demos = Path(tmp) / f"demos_{seed}"
             record_demos(env_id, env_kwargs, demos, args.demos, seed)
             shutil.rmtree(out_root / f"seed{seed}", ignore_errors=True)  # the bench's own previous run
+            seed_overrides = overrides
+            if pretrain:  # the encoder's own frames and seed; its file lives beside the run
+                t0 = time.perf_counter()
+                enc = out_root / f"encoder_seed{seed}.safetensors"
+                metrics = pretrain_encoder(env_id, enc, env_kwargs, PretrainConfig(epochs=args.pretrain_epochs,
+                                                                                   seed=seed),
+                                           on_epoch=lambda e, n, loss: print(f"pretrain epoch {e}/{n}: loss {loss:.4f}",
+                                                                             flush=True))
+                result["pretrain_minutes"].append(round((time.perf_counter() - t0) / 60, 2))
+                result["pretrain_metrics"].append(metrics)
+                seed_overrides = {**overrides, "frozen_encoder": str(enc)}
             cfg = TrainConfig(agent="serl", env=env_id, out=str(out_root / f"seed{seed}"), frames=frames, seed=seed,
                               demos=str(demos), eval_every=args.eval_every, eval_episodes=args.eval_episodes,
-                              target_success=0.9, checkpoint_every=5_000, save_replay=False, video=seed == seeds[0],
-                              env_kwargs=env_kwargs, agent_overrides=overrides)
+                              target_success=target, checkpoint_every=5_000, save_replay=False,
+                              video=seed == seeds[0], env_kwargs=env_kwargs, agent_overrides=seed_overrides)
             out = train(cfg)
             history = json.loads((Path(cfg.out) / "history.json").read_text())
-            steps, minutes = to_90(history)
-            result["env_steps_to_90"].append(steps)
-            result["minutes_to_90"].append(minutes)
+            steps, minutes = to_90(history, target)
+            result[f"env_steps_to_{pct}"].append(steps)
+            result[f"minutes_to_{pct}"].append(minutes)
             result["final_success"].append(out["final_success"])
             result["minutes_total"].append(round(out["minutes"], 2))
-            print(f"seed {seed}: env steps to 90% {steps}, minutes {minutes}, final success {out['final_success']:.0%}",
-                  flush=True)
+            print(f"seed {seed}: env steps to {pct}% {steps}, minutes {minutes}, "
+                  f"final success {out['final_success']:.0%}", flush=True)
     if not args.pixels:
         result.update(measure_updates(env_id, env_kwargs, overrides))
     result["agent_overrides"] = overrides

@@ -383,6 +383,40 @@ def cmd_classifier_train(args) -> int:
     return 0
 
 
+def cmd_pretrain_encoder(args) -> int:
+    """Frames from simulator episodes -> a frozen encoder's weights for SERL (robolearn/agents/pretrain.py)."""
+    import dataclasses
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from robolearn.agents.pretrain import PretrainConfig, pretrain_encoder
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {args.threads}")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    _check_writable(args.out, "--out", "file")
+    known, sets = {f.name for f in dataclasses.fields(PretrainConfig)}, _parse_overrides(args.set)
+    unknown = sorted(set(sets) - known)
+    if unknown:
+        raise ValueError(f"--set {unknown[0]}: not a pretraining option; valid: {sorted(known)}")
+    cfg = PretrainConfig(**{**sets, "seed": args.seed})
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stat]}"),
+                  TimeElapsedColumn()) as bar:
+        episodes = bar.add_task("collect episodes", total=None, stat="")
+        epochs = bar.add_task("fit epochs", total=cfg.epochs, stat="")
+        metrics = pretrain_encoder(
+            args.env, args.out, _parse_overrides(args.env_set), cfg,
+            on_episode=lambda i, n: bar.update(episodes, completed=i, total=n),
+            on_epoch=lambda e, n, loss: bar.update(epochs, completed=e, stat=f"loss {loss:.4f}"))
+    print(json.dumps(metrics))
+    print(f"encoder: {args.out}  (robolearn train --agent serl --set frozen_encoder={args.out} "
+          f"--set frozen_arch=drq_state)")
+    return 0
+
+
 def cmd_launch(args) -> int:
     from robolearn.launcher import launch
 
@@ -561,6 +595,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ClassifierConfig field, e.g. threshold=0.75 or batch_size=128")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_classifier_train)
+
+    p = sub.add_parser("pretrain-encoder", help="pretrain a camera encoder on simulator frames, for SERL to keep frozen",
+                       description="Collect frames from simulator episodes (the scripted expert, the expert with "
+                                   "action noise, random actions), train DrQ's conv tower to regress the object state "
+                                   "they show, and save it as safetensors for `robolearn train --agent serl --set "
+                                   "frozen_encoder=FILE --set frozen_arch=drq_state`, which then caches its "
+                                   "features in the replay (docs/training.md).")
+    p.add_argument("--env", required=True, help="a Pixels env with a scripted expert, e.g. robolearn/PandaPickCubePixels-v0")
+    p.add_argument("--out", required=True, metavar="FILE", help="weights to write (*.safetensors; replaced)")
+    p.add_argument("--env-set", action="append", metavar="KEY=VALUE",
+                   help="env option, e.g. image_size=64; use the same ones for training")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="PretrainConfig field: expert_episodes, noisy_episodes, random_episodes (20 each), noise "
+                        "(0.5), epochs (25), batch_size (128), lr (0.001), aug_pad (4), holdout (0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.set_defaults(func=cmd_pretrain_encoder)
 
     p = sub.add_parser("launch", help="run a ROS 2 XML launch file without a ROS 2 install",
                        description="Run a ROS 2 XML launch file as `ros2 launch` would (docs/launch.md): "

@@ -82,17 +82,21 @@ POSITIVE = {"batch_size", "utd_ratio", "num_critics", "critic_subsample", "nstep
             "hidden_dims", "hidden_dim", "conv_channels", "conv_strides", "action_repeat", "update_every_steps",
             "num_train_frames", "replay_buffer_size", "encoder_chunk_size", "lr", "init_temperature", "actor_steps",
             "critic_passes", "bc_steps", "noise_critic_steps", "simba_hidden_dim", "simba_blocks", "simba_atoms",
-            "simba_v_max", "simba_c_shift"}
-NON_NEGATIVE = {"aug_pad", "num_seed_frames", "stddev_clip"}
-FRACTIONS = {"gamma", "discount", "tau", "critic_target_tau"}  # in [0, 1]
+            "simba_v_max", "simba_c_shift", "drm_perturb_interval"}
+NON_NEGATIVE = {"aug_pad", "num_seed_frames", "stddev_clip", "drm_perturb_rate"}
+FRACTIONS = {"gamma", "discount", "tau", "critic_target_tau", "drm_min_perturb_factor", "drm_max_perturb_factor",
+             "drm_perturb_threshold", "drm_target_beta", "drm_target_lambda"}  # in [0, 1]
 RATES = {"critic_dropout"}  # in [0, 1)
+OPEN_FRACTIONS = {"drm_expectile"}  # in (0, 1)
 # What --set may change on --resume: the learner's pace and step sizes. The rest shapes the saved
 # networks or what they compute (sizes, activation, inputs, log-std bounds, channels_last's
 # flattening order), or the saved replay's n-step returns (nstep, gamma).
 RESUME_SAFE = {"lr", "tau", "critic_target_tau", "batch_size", "utd_ratio", "critic_subsample", "target_entropy",
                "backup_entropy", "aug_pad", "compile", "stddev_schedule", "stddev_clip", "num_seed_frames",
                "update_every_steps", "num_train_frames", "encoder_chunk_size", "fused_adam", "actor_steps",
-               "critic_passes", "bc_steps"}
+               "critic_passes", "bc_steps", "drm_perturb_interval", "drm_perturb_rate", "drm_min_perturb_factor",
+               "drm_max_perturb_factor", "drm_perturb_threshold", "drm_target_beta", "drm_target_lambda",
+               "drm_expectile"}
 
 
 def _check_agent_option(key: str, value, hint):
@@ -102,7 +106,7 @@ def _check_agent_option(key: str, value, hint):
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # --set stddev_schedule=0.2 parses as a number
     check_value(value, hint, key)
-    if value is None or key not in POSITIVE | NON_NEGATIVE | FRACTIONS | RATES:
+    if value is None or key not in POSITIVE | NON_NEGATIVE | FRACTIONS | RATES | OPEN_FRACTIONS:
         pass
     elif isinstance(value, (list, tuple)):
         if not value or min(value) <= 0:
@@ -115,6 +119,8 @@ def _check_agent_option(key: str, value, hint):
         raise ValueError(f"{key} must be in [0, 1], got {value!r}")
     elif key in RATES and not 0 <= value < 1:
         raise ValueError(f"{key} must be in [0, 1), got {value!r}")
+    elif key in OPEN_FRACTIONS and not 0 < value < 1:
+        raise ValueError(f"{key} must be in (0, 1), got {value!r}")
     if key == "activation":
         from robolearn.agents.serl import ACTIVATIONS
         if value not in ACTIVATIONS:
@@ -173,6 +179,9 @@ def make_agent_config(name: str, overrides: dict, seed: int, env=None, saved: di
     if merged.get("log_std_min", 0) >= merged.get("log_std_max", 1):
         raise ValueError(f"--set log_std_min ({merged['log_std_min']}) must be below log_std_max "
                          f"({merged['log_std_max']})")
+    if merged.get("drm_min_perturb_factor", 0) > merged.get("drm_max_perturb_factor", 1):
+        raise ValueError(f"--set drm_min_perturb_factor ({merged['drm_min_perturb_factor']}) must not exceed "
+                         f"drm_max_perturb_factor ({merged['drm_max_perturb_factor']})")
     return cfg_cls.from_dict(merged)
 
 def build_agent(name: str, env, overrides: dict, seed: int, agent_config: dict | None = None):

@@ -29,6 +29,9 @@ no updates for the first `cfg.num_seed_steps` agent steps (num_seed_frames / act
 agent steps with the agent step as `step`. The noise std follows `cfg.stddev_schedule` at the
 agent step, as in drqv2: `update` sets the agent's step counter to `step`, and each exploring
 `act` advances it by one, so acting between updates reads the right std.
+
+With `drm=True`, DrM (robolearn.agents.drm): the actor's dormant ratio perturbs the networks, sets the
+noise std and blends a value network into the critic's target.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robolearn.agents import drm
 from robolearn.agents.base import default_device, obs_to_torch
 from robolearn.agents.encoders import conv_stack, image_keys_of, to_nchw_float, trunk
 from robolearn.agents.errors import check_finite
@@ -91,6 +95,20 @@ class DrQV2Config:
     stddev_schedule: str = STDDEV_SCHEDULES["medium"]  # a float, linear(...) or step_linear(...)
     stddev_clip: float = 0.3
     aug_pad: int = 4
+    # DrM (Xu et al. 2024; robolearn.agents.drm), off by default: the actor's dormant ratio beta perturbs the
+    # networks, sets the noise std (in place of stddev_schedule until the actor awakens, then at least the
+    # schedule restarted there) and blends an expectile value network into the critic's target.
+    drm: bool = False
+    # Agent steps between perturbations. The authors': 100k agent steps (200k frames) in 0.2-3M-frame runs; scaled
+    # to robolearn's ~100k-frame runs (10 perturbations). Use 100000 for drqv2's full-length runs.
+    drm_perturb_interval: int = 5_000
+    drm_perturb_rate: float = 2.0  # k in alpha = clip(1 - k beta, min, max), the weights' share kept
+    drm_min_perturb_factor: float = 0.2
+    drm_max_perturb_factor: float = 0.9  # the authors' DMC tasks (0.6 on Dog, 1.0 on reacher_hard: never)
+    drm_perturb_threshold: float = 0.0  # perturb only at beta at least this; 0 (the authors' code): always
+    drm_target_beta: float = 0.2  # beta_hat: the awakening threshold and the schedules' midpoint
+    drm_target_lambda: float = 0.6  # lambda_hat, the value net's largest share of the backup
+    drm_expectile: float = 0.9  # of Q(s, a) over the replay's actions, which the value net learns
     # Read by the training loop and the replay, not by the agent.
     batch_size: int = 256
     nstep: int = 3
@@ -273,6 +291,20 @@ class Critic(nn.Module):
         return self.Q1(ha), self.Q2(ha)
 
 
+class Value(nn.Module):
+    """DrM's state value V(h), (B, 1): a trunk and a 2-layer ReLU MLP, as the actor, with one linear output."""
+
+    def __init__(self, repr_dim: int, feature_dim: int, hidden_dim: int):
+        super().__init__()
+        self.trunk = trunk(repr_dim, feature_dim)
+        self.V = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.ReLU(inplace=True),
+                               nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, 1))
+        self.apply(weight_init)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.V(self.trunk(h))
+
+
 def truncated_sample(mu: torch.Tensor, std: float, clip: float | None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """drqv2's TruncatedNormal.sample: mu + clip(std * N(0, 1)), clamped into (-1, 1) with the
@@ -295,6 +327,7 @@ class DrQV2Agent:
                  device: torch.device | str | None = None):
         self.cfg = cfg = cfg or DrQV2Config()
         self.device = torch.device(device) if device is not None else default_device()
+        drm.check_config(cfg)
         if not (np.all(action_space.low == -1.0) and np.all(action_space.high == 1.0)):
             raise ValueError(f"DrQV2Agent expects a normalized Box(-1, 1) action space, got {action_space}")
         self.observation_space, self.action_space = observation_space, action_space
@@ -314,12 +347,16 @@ class DrQV2Agent:
             d = self.encoder.repr_dim
             self.actor = Actor(d, self.action_dim, cfg.feature_dim, cfg.hidden_dim).to(self.device)
             self.critic = Critic(d, self.action_dim, cfg.feature_dim, cfg.hidden_dim).to(self.device)
+            # Built last, so that DrM leaves the other networks' initialization as it is.
+            self.value = Value(d, cfg.feature_dim, cfg.hidden_dim).to(self.device) if cfg.drm else None
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.drm = drm.DrM(cfg, self.actor) if cfg.drm else None
 
         adam = {"lr": cfg.lr, "fused": True} if cfg.fused_adam else {"lr": cfg.lr}
         self.encoder_opt = torch.optim.Adam(self.encoder.parameters(), **adam)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), **adam)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), **adam)
+        self.value_opt = None if self.value is None else torch.optim.Adam(self.value.parameters(), **adam)
         self._online = list(self.critic.parameters())
         self._target = list(self.critic_target.parameters())
 
@@ -343,21 +380,31 @@ class DrQV2Agent:
         o = obs_to_torch({k: obs[k] for k in self.image_keys}, self.device)
         mu = self.actor(self.encoder(self._images(o)))
         if explore:
-            std = stddev(self.cfg.stddev_schedule, int(self.agent_step))
+            std = self._stddev(int(self.agent_step))
             self.agent_step = self.agent_step + 1  # rebound, so a state dict in hand keeps its value
             mu = truncated_sample(mu, std, None, self.act_gen)
         return mu[0].cpu().numpy().astype(np.float32)
 
     # -- learning ------------------------------------------------------------------------------
+    def _stddev(self, step: int) -> float:
+        """The exploration noise std at agent step `step`: the schedule's, or DrM's (robolearn.agents.drm)."""
+        if self.drm is None:
+            return stddev(self.cfg.stddev_schedule, step)
+        awake = int(self.drm.awaken_step)
+        return self.drm.stddev(None if awake < 0 else stddev(self.cfg.stddev_schedule, step - awake))
+
     def update(self, batch: dict, step: int) -> dict[str, float]:
         """One critic (and encoder) step, one actor step and one target step on `batch`;
-        `step` is the agent step (drqv2's global_step): it sets the noise std here and in act."""
+        `step` is the agent step (drqv2's global_step): it sets the noise std here and in act.
+        With DrM, first a perturbation when one is due, and a value step after the critic's."""
         cfg = self.cfg
+        if self.drm is not None and self.drm.perturb_due(step):
+            self._drm_perturb()
         obs_imgs, next_imgs = self._images(batch["obs"]), self._images(batch["next_obs"])
         action = batch["action"]
         reward, discount = batch["reward"].unsqueeze(-1), batch["discount"].unsqueeze(-1)
         n = action.shape[0]
-        std = stddev(cfg.stddev_schedule, step)
+        std = self._stddev(step)
 
         # Augment obs and next_obs with independent shifts (one draw for both halves); encode
         # both with the current encoder, recording autograd for the obs half only.
@@ -368,7 +415,10 @@ class DrQV2Agent:
 
             next_action = truncated_sample(self.actor(h_next), std, cfg.stddev_clip, self.update_gen)
             tq1, tq2 = self.critic_target(h_next, next_action)
-            target_q = reward + discount * torch.min(tq1, tq2)
+            next_v = torch.min(tq1, tq2)
+            if self.value is not None:  # DrM's exploitation: lambda V(s') + (1 - lambda) Q
+                next_v = drm.exploit_backup(next_v, self.value(h_next), self.drm.lam())
+            target_q = reward + discount * next_v
 
         q1, q2 = self.critic(h, action)
         critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
@@ -378,10 +428,21 @@ class DrQV2Agent:
         critic_loss.backward()
         self.critic_opt.step()
         self.encoder_opt.step()
+        if self.value is not None:  # the expectile of min(Q1, Q2) at the batch's actions, before this step
+            value_loss = drm.expectile_loss(self.value(h.detach()), torch.min(q1, q2).detach(), cfg.drm_expectile)
+            check_finite(value_loss, "value", step, batch)
+            self.value_opt.zero_grad(set_to_none=True)
+            value_loss.backward()
+            self.value_opt.step()
 
         # Actor on the same (pre-step) features, detached, against the just-updated critic.
         h = h.detach()
-        mu = self.actor(h)
+        if self.drm is None:
+            mu = self.actor(h)
+        else:  # DrM's beta, from this forward pass on the batch
+            with self.drm.probe:
+                mu = self.actor(h)
+            self.drm.observe(step)
         policy_action = truncated_sample(mu, std, cfg.stddev_clip, self.update_gen)
         self.critic.requires_grad_(False)  # gradients reach the action only
         try:
@@ -411,24 +472,43 @@ class DrQV2Agent:
                 "critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(),
                 "actor_logprob": log_prob.mean(),
             }
+            if self.value is not None:
+                metrics["drm/value_loss"] = value_loss.detach()
             out = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))
         out["actor_ent"] = self.action_dim * (0.5 + 0.5 * math.log(2 * math.pi) + log_std)
         out["actor_stddev"] = std
+        if self.drm is not None:  # its state after this update (beta from this batch), which the next one uses
+            out.update(self.drm.metrics())
+            out["drm/stddev"] = self._stddev(step)
+            out["drm/awaken_step"] = float(self.drm.awaken_step)
         return out
+
+    def _drm_perturb(self) -> None:
+        """DrM's shrink and perturb of actor, critic (its target towards the same fresh critic) and value network,
+        with fresh weights drawn from the update stream; every optimizer's moments start over, as the authors'."""
+        cfg, d = self.cfg, self.encoder.repr_dim
+        with drm.fresh_init(self.update_gen):
+            actor = Actor(d, self.action_dim, cfg.feature_dim, cfg.hidden_dim)
+            critic = Critic(d, self.action_dim, cfg.feature_dim, cfg.hidden_dim)
+            value = Value(d, cfg.feature_dim, cfg.hidden_dim)
+        pairs = [(self.actor, actor), (self.critic, critic), (self.critic_target, critic), (self.value, value)]
+        drm.perturb_(pairs, self.drm.perturb_factor(), self._optimizers().values())
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _modules(self) -> dict[str, nn.Module]:
-        return {"encoder": self.encoder, "actor": self.actor, "critic": self.critic,
-                "critic_target": self.critic_target}
+        out = {"encoder": self.encoder, "actor": self.actor, "critic": self.critic, "critic_target": self.critic_target}
+        return out if self.value is None else {**out, "value": self.value}
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"encoder": self.encoder_opt, "actor": self.actor_opt, "critic": self.critic_opt}
+        out = {"encoder": self.encoder_opt, "actor": self.actor_opt, "critic": self.critic_opt}
+        return out if self.value_opt is None else {**out, "value": self.value_opt}
 
     def _generators(self) -> dict[str, torch.Generator]:
         return {"update": self.update_gen, "act": self.act_gen}
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {"counters/agent_step": self.agent_step, "counters/num_updates": self.num_updates}
+        out = {"counters/agent_step": self.agent_step, "counters/num_updates": self.num_updates}
+        return out if self.drm is None else {**out, **self.drm.tensors()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor (safetensors-ready): networks, target, Adam moments, RNG streams,
@@ -518,7 +598,7 @@ def reference_update(agent: DrQV2Agent, batch: dict, step: int) -> dict[str, flo
             "critic_q1": q1.mean().item(), "critic_q2": q2.mean().item(), "critic_target_q": target_q.mean().item()}
 
 
-__all__ = ["DrQV2Agent", "DrQV2Config", "STDDEV_SCHEDULES", "TASK_DIFFICULTY", "Actor", "Critic", "Encoder",
+__all__ = ["DrQV2Agent", "DrQV2Config", "STDDEV_SCHEDULES", "TASK_DIFFICULTY", "Actor", "Critic", "Encoder", "Value",
            "grid_sample_shift", "reference_update", "sample_shifts", "shift_images", "stddev", "truncated_sample",
            "weight_init"]
 

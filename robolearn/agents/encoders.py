@@ -111,7 +111,17 @@ class ResNet(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-FROZEN_ARCHS = ("resnet10", "resnet18", "drq")
+FROZEN_ARCHS = ("resnet10", "resnet18", "drq", "drq_state")
+
+
+def _state_heads(state: dict[str, torch.Tensor]) -> nn.ModuleDict:
+    """The per-camera regression heads `heads.<cam>.{0,2}.*` of a robolearn.agents.pretrain file."""
+    cams = sorted({k.split(".")[1] for k in state if k.startswith("heads.")})
+    heads = nn.ModuleDict()
+    for cam in cams:
+        w0, w2 = state[f"heads.{cam}.0.weight"], state[f"heads.{cam}.2.weight"]
+        heads[cam] = nn.Sequential(nn.Linear(w0.shape[1], w0.shape[0]), nn.ReLU(), nn.Linear(w2.shape[1], w2.shape[0]))
+    return heads
 
 
 def load_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -133,16 +143,20 @@ class FrozenEncoder(nn.Module):
 
     arch "resnet10"/"resnet18": torchvision-named ResNet, ImageNet normalisation, global average
     pool (512 features). arch "drq": the DrQ conv tower (e.g. from a trained robolearn encoder,
-    select it with `prefix`), average-pooled to 4x4 (512 features). `weights=None` leaves the
-    random initialisation, which only tests and baselines want.
+    select it with `prefix`), average-pooled to 4x4 (512 features). arch "drq_state": a
+    `robolearn pretrain-encoder` file's tower and its per-camera heads, whose outputs (the object
+    state the frames show, standardized) are the features; forward() then needs the camera's name.
+    `weights=None` leaves the random initialisation, which only tests and baselines want.
     """
 
     def __init__(self, arch: str = "resnet18", weights: str | Path | None = None, prefix: str = ""):
         super().__init__()
         if arch not in FROZEN_ARCHS:
             raise ValueError(f"unknown frozen encoder arch {arch!r}; valid: {FROZEN_ARCHS}")
-        self.arch = arch
-        if arch == "drq":
+        self.arch, self.heads = arch, None
+        if arch == "drq_state" and weights is None:
+            raise ValueError("frozen encoder arch 'drq_state' needs weights: a `robolearn pretrain-encoder` file")
+        if arch in ("drq", "drq_state"):
             self.net = conv_stack(3)
             self.out_dim = 32 * 16
             mean, std = (0.5, 0.5, 0.5), (1.0, 1.0, 1.0)  # matches to_nchw_float
@@ -156,8 +170,17 @@ class FrozenEncoder(nn.Module):
             state = load_weight_file(weights)
             if prefix:
                 state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            if arch == "drq":  # a ConvEncoder state dict names its tower "convs."
-                state = {k.removeprefix("convs."): v for k, v in state.items() if not k.startswith("trunk.")}
+            if arch == "drq_state":
+                self.heads = _state_heads(state)
+                if not self.heads:
+                    raise ValueError(f"{weights}: no heads.<camera>.* tensors; arch 'drq_state' takes a "
+                                     f"`robolearn pretrain-encoder` file")
+                self.heads.load_state_dict({k.removeprefix("heads."): v for k, v in state.items()
+                                            if k.startswith("heads.")})
+                self.out_dim = next(iter(self.heads.values()))[-1].out_features
+            if arch in ("drq", "drq_state"):  # a ConvEncoder state dict names its tower "convs."
+                state = {k.removeprefix("convs."): v for k, v in state.items()
+                         if not k.startswith(("trunk.", "heads."))}
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier head
             missing, unexpected = self.net.load_state_dict(state, strict=False)
             if missing or unexpected:
@@ -170,13 +193,19 @@ class FrozenEncoder(nn.Module):
         return super().train(False)  # BatchNorm statistics stay the pretrained ones
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, camera: str | None = None) -> torch.Tensor:
+        """Features of uint8 (B, H, W, 3*stack) frames; `camera` (e.g. "front") picks drq_state's head."""
         b, h, w, c = images.shape
         x = images.reshape(b, h, w, c // 3, 3).permute(0, 3, 4, 1, 2).reshape(b * (c // 3), 3, h, w)
         x = (x.float() - self.mean) / self.std
         y = self.net(x)
-        if self.arch == "drq":
+        if self.arch in ("drq", "drq_state"):
             y = F.adaptive_avg_pool2d(y, 4).flatten(1)
+        if self.heads is not None:
+            if camera not in self.heads:
+                raise ValueError(f"frozen encoder (drq_state) has heads for cameras {sorted(self.heads)}, "
+                                 f"not {camera!r}")
+            y = self.heads[camera](y)
         return y.reshape(b, -1)
 
 

@@ -22,6 +22,9 @@ that is the price of never re-running a large encoder per update.
 Networks: SERL's LayerNorm MLPs (`network="mlp"`), or SimbaV2's hyperspherical networks with a distributional
 critic and reward scaling (`network="simbav2"`, robolearn.agents.simba): the critic's TD step then projects the
 backup's distribution onto the critic's support and trains by cross-entropy (`_update_critic`).
+
+With `drm=True`, DrM (robolearn.agents.drm): the actor's dormant ratio perturbs the networks, raises the target
+entropy and blends an expectile value network into the critic's target.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robolearn.agents import simba
+from robolearn.agents import drm, simba
 from robolearn.agents.base import default_device, obs_to_torch
 from robolearn.agents.encoders import DictObsEncoder, FrozenEncoder, feature_key, image_keys_of, random_shift
 from robolearn.agents.errors import check_batch_finite, check_finite
@@ -85,6 +88,21 @@ class SERLConfig:
     backup_entropy: bool = False  # SERL default for state and pixels
     log_std_min: float = -20.0
     log_std_max: float = 2.0
+    # DrM (Xu et al. 2024; robolearn.agents.drm), off by default, for network="mlp": the actor's dormant ratio
+    # beta perturbs the networks, raises the target entropy (SAC's analogue of DrM's noise std) and blends an
+    # expectile value network into the critic's target. SERL's LayerNorm + tanh actor reads beta 0 on PickCube
+    # (docs/agent_variants.md), which leaves the perturbation at drm_max_perturb_factor and lambda near its top.
+    drm: bool = False
+    # Agent (env) steps between perturbations. The authors': 100k agent steps, in runs of 0.1-1.5M; scaled to SERL's
+    # 20k-step runs (10 perturbations, 16k critic steps apart at UTD 8).
+    drm_perturb_interval: int = 2_000
+    drm_perturb_rate: float = 2.0  # k in alpha = clip(1 - k beta, min, max), the weights' share kept
+    drm_min_perturb_factor: float = 0.2
+    drm_max_perturb_factor: float = 0.9  # the authors' DMC tasks
+    drm_perturb_threshold: float = 0.0  # perturb only at beta at least this; 0 (the authors' code): always
+    drm_target_beta: float = 0.2  # beta_hat: the schedules' midpoint
+    drm_target_lambda: float = 0.6  # lambda_hat, the value net's largest share of the backup
+    drm_expectile: float = 0.9  # of Q(s, a) over the replay's actions, which the value net learns
     # Observations
     proprio_keys: tuple[str, ...] = ("state",)
     image_keys: tuple[str, ...] | None = None  # None: every images/<cam> in the space
@@ -128,6 +146,9 @@ def check_networks(cfg: SERLConfig) -> None:
     for name in ("simba_v_max", "simba_c_shift"):
         if not getattr(cfg, name) > 0:
             raise ValueError(f"{name} must be positive, got {getattr(cfg, name)!r}")
+    if cfg.network == "simbav2" and cfg.drm:
+        # Shrink and perturb would pull SimbaV2's weights off their unit sphere; its normalization is its own cure.
+        raise ValueError("drm must be false with network=simbav2 (DrM perturbs the mlp networks)")
     if cfg.network == "simbav2" and cfg.critic_dropout:
         # DroQ's dropout sits before a LayerNorm, which SimbaV2 replaces by its l2 normalization; untested together.
         raise ValueError(f"critic_dropout must be 0 with network=simbav2 (DroQ's dropout is for the mlp critic), "
@@ -197,6 +218,8 @@ class EnsembleCritic(nn.Module):
     the online and the target networks alike and whenever the module is in training mode (its default:
     the agents never switch it), so the TD target and the actor's Q are dropout samples as in DroQ.
     """
+
+    linear_parameters = ("weights", "biases")  # its linear layers, which DrM's perturbation mixes (agents.drm)
 
     def __init__(self, in_dim: int, hidden_dims: tuple[int, ...], num: int, activation: str, dropout: float = 0.0):
         super().__init__()
@@ -374,9 +397,11 @@ class SERLAgent:
         if cfg.critic_subsample > cfg.num_critics:
             raise ValueError(f"critic_subsample {cfg.critic_subsample} > num_critics {cfg.num_critics}")
         check_networks(cfg)
+        drm.check_config(cfg)
         self.observation_space, self.action_space = observation_space, action_space
         self.action_dim = int(np.prod(action_space.shape))
         self.target_entropy = (-self.action_dim / 2.0 if cfg.target_entropy is None else float(cfg.target_entropy))
+        self.base_target_entropy = self.target_entropy  # DrM raises target_entropy above it while the actor is dormant
         self.image_keys = image_keys_of(observation_space, cfg.image_keys)
 
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
@@ -399,13 +424,17 @@ class SERLAgent:
             else:
                 self.critic = EnsembleCritic(d + a, cfg.hidden_dims, cfg.num_critics, cfg.activation,
                                              cfg.critic_dropout).to(self.device)
+            # DrM's value network, built last so that the other networks' initialization stays as it is.
+            self.value = mlp(d, cfg.hidden_dims, 1, cfg.activation).to(self.device) if cfg.drm else None
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.drm = drm.DrM(cfg, self.actor) if cfg.drm else None
         self.log_alpha = torch.tensor(math.log(cfg.init_temperature), device=self.device, requires_grad=True)
 
         # The encoder learns from the critic loss only (DrQ), so it shares the critic's optimizer.
         self.critic_opt = adam([*self.critic.parameters(), *self.encoder.parameters()], cfg.lr)
         self.actor_opt = adam(self.actor.parameters(), cfg.lr)
         self.alpha_opt = adam([self.log_alpha], cfg.lr)
+        self.value_opt = None if self.value is None else adam(self.value.parameters(), cfg.lr)
         self._online = list(self.critic.parameters())
         self._target = list(self.critic_target.parameters())
         # SimbaV2: weights back onto the unit sphere after every optimizer step (no-ops for the MLPs), and rewards
@@ -435,7 +464,7 @@ class SERLAgent:
         for key in self.image_keys:
             if feature_key(key) not in obs:
                 images = random_shift(obs[key], self.cfg.aug_pad, self.update_gen) if augment else obs[key]
-                obs[feature_key(key)] = self.frozen(images)
+                obs[feature_key(key)] = self.frozen(images, key.removeprefix("images/"))
         return obs
 
     @torch.no_grad()
@@ -448,7 +477,8 @@ class SERLAgent:
             frames = np.asarray(obs[key])
             single = frames.ndim == 3
             frames = frames[None] if single else frames
-            feats = [self.frozen(torch.as_tensor(frames[i:i + chunk], device=self.device)).cpu()
+            feats = [self.frozen(torch.as_tensor(frames[i:i + chunk], device=self.device),
+                                 key.removeprefix("images/")).cpu()
                      for i in range(0, len(frames), chunk)]
             f = torch.cat(feats).numpy().astype(np.float32)
             out[feature_key(key)] = f[0] if single else f
@@ -499,6 +529,8 @@ class SERLAgent:
             raise ValueError(f"batch of {n} does not split into utd_ratio={utd} minibatches "
                              f"(sample batch_size * utd_ratio = {cfg.batch_size * utd})")
         check_batch_finite(batch, "critic", step)
+        if self.drm is not None and self.drm.perturb_due(step):
+            self._drm_perturb()
         if self.reward_scaler is not None:  # the whole batch's rewards, before any step uses the scale
             self.reward_scaler.observe(batch["reward"])
         # Frozen features once for the whole batch, shared by the utd minibatches.
@@ -515,6 +547,9 @@ class SERLAgent:
             metrics["reward_scale"] = self.reward_scaler.scale()
         out = dict(zip(metrics, torch.stack(list(metrics.values())).tolist()))
         out["alpha"] = float(self.log_alpha.detach().exp())
+        if self.drm is not None:  # its state after this update (beta from this batch), which the next one uses
+            out.update(self.drm.metrics())
+            out["drm/target_entropy"] = self.target_entropy
         return out
 
     def _update_critic(self, b: dict, step: int):
@@ -526,6 +561,8 @@ class SERLAgent:
                 next_q = redq_min(self, next_feat, next_action)
                 if cfg.backup_entropy:
                     next_q = next_q - self.alpha * next_log_prob
+                if self.value is not None:  # DrM's exploitation: lambda V(s') + (1 - lambda) Q
+                    next_q = drm.exploit_backup(next_q, self.value(next_feat).squeeze(-1), self.drm.lam())
                 target = b["reward"] + b["discount"] * next_q
             else:  # SimbaV2: REDQ's drawn members, the distribution of the lowest, shifted and projected
                 support = self.critic.support
@@ -536,27 +573,70 @@ class SERLAgent:
                 target = (target_probs * support).sum(-1)
         feat = self.encoder(b["obs"], augment=True, generator=self.update_gen)
         if self.reward_scaler is None:
-            return feat, critic_step(self, self.critic(feat, b["action"]), target, step, b)
+            q = self.critic(feat, b["action"])
+            metrics = critic_step(self, q, target, step, b)
+            if self.value is not None:
+                metrics["drm/value_loss"] = self._update_value(feat.detach(), q.detach(), step, b)
+            return feat, metrics
         log_probs = self.critic.log_probs(feat, b["action"])
         return feat, critic_step(self, simba.expected_value(log_probs, support), target, step, b,
                                  loss=simba.categorical_loss(log_probs, target_probs))
 
     def _update_actor_and_alpha(self, feat: torch.Tensor, b: dict, step: int) -> dict[str, torch.Tensor]:
-        # The ensemble mean, as RLPD.
-        _, metrics = sac_actor_step(self, feat, lambda a: self.critic(feat, a, detach=True).mean(dim=0), b, step)
+        def q_of(a):  # the ensemble mean, as RLPD
+            return self.critic(feat, a, detach=True).mean(dim=0)
+
+        if self.drm is None:
+            return sac_actor_step(self, feat, q_of, b, step)[1]
+        # DrM's exploration, SAC's way: at least the entropy of its noise std sigma(beta), squashed; then beta.
+        self.target_entropy = max(self.base_target_entropy,
+                                  drm.tanh_gaussian_entropy(self._drm_stddev(), self.action_dim))
+        with self.drm.probe:
+            _, metrics = sac_actor_step(self, feat, q_of, b, step)
+        self.drm.observe(step)
         return metrics
+
+    def _drm_stddev(self) -> float:
+        return drm.dormant_stddev(float(self.drm.beta), self.cfg.drm_target_beta)
+
+    def _update_value(self, feat: torch.Tensor, q: torch.Tensor, step: int, b: dict) -> torch.Tensor:
+        """DrM's value step: V(s) towards the expectile of the min over REDQ's drawn members of the critic's
+        Q(s, a) (`q`, (E, B), before this critic step) at the batch's actions."""
+        members = redq_members(self)
+        q = (q if members is None else q[members]).min(dim=0).values
+        loss = drm.expectile_loss(self.value(feat).squeeze(-1), q, self.cfg.drm_expectile)
+        check_finite(loss, "value", step, b)
+        self.value_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.value_opt.step()
+        return loss.detach()
+
+    def _drm_perturb(self) -> None:
+        """DrM's shrink and perturb of actor, critic (its target towards the same fresh critic) and value network,
+        fresh weights drawn from the update stream; the moments of their optimizers (the critic's holds the
+        encoder's) start over, as the authors'. The temperature is left alone."""
+        cfg, d, a = self.cfg, self.encoder.out_dim, self.action_dim
+        with drm.fresh_init(self.update_gen):
+            actor = TanhGaussianActor(d, a, cfg.hidden_dims, cfg.activation, cfg.log_std_min, cfg.log_std_max)
+            critic = EnsembleCritic(d + a, cfg.hidden_dims, cfg.num_critics, cfg.activation, cfg.critic_dropout)
+            value = mlp(d, cfg.hidden_dims, 1, cfg.activation)
+        pairs = [(self.actor, actor), (self.critic, critic), (self.critic_target, critic), (self.value, value)]
+        drm.perturb_(pairs, self.drm.perturb_factor(), (self.actor_opt, self.critic_opt, self.value_opt))
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _modules(self) -> dict[str, nn.Module]:
-        return {"encoder": self.encoder, "actor": self.actor, "critic": self.critic,
-                "critic_target": self.critic_target}
+        out = {"encoder": self.encoder, "actor": self.actor, "critic": self.critic, "critic_target": self.critic_target}
+        return out if self.value is None else {**out, "value": self.value}
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"critic": self.critic_opt, "actor": self.actor_opt, "alpha": self.alpha_opt}
+        out = {"critic": self.critic_opt, "actor": self.actor_opt, "alpha": self.alpha_opt}
+        return out if self.value_opt is None else {**out, "value": self.value_opt}
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         out = {"log_alpha": self.log_alpha, "counters/critic_updates": self.critic_updates,
                "counters/actor_updates": self.actor_updates}
+        if self.drm is not None:
+            out.update(self.drm.tensors())
         return out if self.reward_scaler is None else {**out, **self.reward_scaler.tensors()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -571,7 +651,7 @@ class SERLAgent:
 
     def config_dict(self) -> dict:
         """JSON-able: the config, the spaces the networks were built for, and optimizer settings."""
-        return agent_config(self, self._optimizers(), target_entropy=self.target_entropy)
+        return agent_config(self, self._optimizers(), target_entropy=self.base_target_entropy)
 
 
 
@@ -627,6 +707,9 @@ class RewardClassifier(nn.Module):
             torch.manual_seed(cfg.seed)
             self.frozen = None
             if cfg.frozen_encoder is not None:
+                if cfg.frozen_arch == "drq_state":  # its saved copy would lose the heads (save_classifier)
+                    raise ValueError("reward classifier: frozen_arch 'drq_state' is for SERL's policy; "
+                                     "use resnet10, resnet18 or drq")
                 self.frozen = FrozenEncoder(cfg.frozen_arch, cfg.frozen_encoder)
             self.encoder = DictObsEncoder(observation_space, cfg.proprio_keys, self.image_keys, 1, cfg.feature_dim,
                                           cfg.conv_strides, None if self.frozen is None else self.frozen.out_dim,
@@ -641,7 +724,7 @@ class RewardClassifier(nn.Module):
             obs = dict(obs)
             for key in self.image_keys:
                 images = random_shift(obs[key], self.cfg.aug_pad, self.gen) if augment else obs[key]
-                obs[feature_key(key)] = self.frozen(images)
+                obs[feature_key(key)] = self.frozen(images, key.removeprefix("images/"))
         return self.head(self.encoder(obs, augment=augment, generator=self.gen)).squeeze(-1)
 
     def train_classifier(self, frames_success, frames_failure, epochs: int = 20) -> dict[str, float]:
