@@ -10,8 +10,9 @@ of a seed trains from the same demos.
 Last stdout line, one JSON object: `variants` -> name -> `overrides`, `env_steps_to_90` and
 `minutes_to_90` (one per seed, null if never), `final_success`, `minutes_total`, `updates_per_s`
 (critic steps per second of one learner update on a batch of random transitions, median of 20,
-after training), `fraction_of_limit` (that rate against the machine's measured matmul rate divided
-by a critic step's FLOPs; null for SimbaV2 and DrM, whose FLOPs it does not count) and `all_seeds_within`
+after training), `arithmetic_limit_updates_per_s` and `fraction_of_limit` (the machine's measured matmul
+rate divided by a critic step's FLOPs, and that rate against it; both null for SimbaV2, DrM and MENTOR,
+whose FLOPs it does not count) and `all_seeds_within`
 (every seed at 90% within 10k env steps and 10 minutes: the goal of issue 12); then `best` (the
 variant with the lowest median steps to 90%, never counting as --frames + 1), `seeds`,
 `frames_budget`, `threads`. A plot of evaluation success
@@ -54,6 +55,12 @@ VARIANTS = {
     # (the target entropy) stays at SERL's own. droq_drm: the same on DroQ's critic.
     "drm": {"drm": True},
     "droq_drm": {"critic_dropout": 0.01, "drm": True},
+    # MENTOR (Huang et al. 2025; robolearn.agents.mentor): a mixture-of-experts actor (8 experts, the top 4 mixed
+    # per sample: the authors' ablation's best, half the CPU cost of their default 16) and, on droq_drm, DrM's
+    # perturbations towards the Gaussian of the 10 best episodes' weights. droq_moe: DroQ with the MoE actor alone.
+    "mentor": {"critic_dropout": 0.01, "drm": True, "actor_moe_experts": 8, "actor_moe_topk": 4,
+               "mentor_perturb": True},
+    "droq_moe": {"critic_dropout": 0.01, "actor_moe_experts": 8, "actor_moe_topk": 4},
 }
 GOAL_STEPS, GOAL_MINUTES = 10_000, 10.0
 
@@ -137,8 +144,9 @@ def main() -> None:
     for name, res in variants.items():
         res.update({k: v for k, v in measure_updates(ENV_ID, ENV_KWARGS, res["overrides"]).items()
                     if k in ("updates_per_s", "fraction_of_limit", "arithmetic_limit_updates_per_s")})
-        # serl_pickcube counts an MLP critic's FLOPs only (not SimbaV2's, nor DrM's value network)
-        if res["overrides"].get("network", "mlp") != "mlp" or res["overrides"].get("drm"):
+        # serl_pickcube counts an MLP critic's FLOPs only (not SimbaV2's, DrM's value network nor MENTOR's experts)
+        if (res["overrides"].get("network", "mlp") != "mlp" or res["overrides"].get("drm")
+                or res["overrides"].get("actor_moe_experts")):
             res["fraction_of_limit"] = res["arithmetic_limit_updates_per_s"] = None
         res["all_seeds_within"] = all(s is not None and s <= GOAL_STEPS and m <= GOAL_MINUTES
                                       for s, m in zip(res["env_steps_to_90"], res["minutes_to_90"]))

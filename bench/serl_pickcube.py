@@ -161,7 +161,8 @@ def main() -> None:
     parser.add_argument("--demos", type=int, default=20)
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--eval-episodes", type=int, default=20)
-    parser.add_argument("--quick", action="store_true", help="one seed, 4000 steps: a fast check that it runs")
+    parser.add_argument("--quick", action="store_true",
+                        help="one seed, 4000 steps (with --pixels, a 12-episode, 3-epoch encoder): a fast check that it runs")
     parser.add_argument("--pixels", action="store_true")
     parser.add_argument("--task", choices=("pickcube", "reach"), default="pickcube",
                         help="--pixels on a CPU: PandaPickCubePixels through a pretrained frozen encoder "
@@ -217,8 +218,9 @@ def main() -> None:
             if pretrain:  # the encoder's own frames and seed; its file lives beside the run
                 t0 = time.perf_counter()
                 enc = out_root / f"encoder_seed{seed}.safetensors"
-                metrics = pretrain_encoder(env_id, enc, env_kwargs, PretrainConfig(epochs=args.pretrain_epochs,
-                                                                                   seed=seed),
+                recipe = (PretrainConfig(expert_episodes=4, noisy_episodes=4, random_episodes=4, epochs=3, seed=seed)
+                          if args.quick else PretrainConfig(epochs=args.pretrain_epochs, seed=seed))
+                metrics = pretrain_encoder(env_id, enc, env_kwargs, recipe,
                                            on_epoch=lambda e, n, loss: print(f"pretrain epoch {e}/{n}: loss {loss:.4f}",
                                                                              flush=True))
                 result["pretrain_minutes"].append(round((time.perf_counter() - t0) / 60, 2))

@@ -399,9 +399,10 @@ def cmd_pretrain_encoder(args) -> int:
         torch.set_num_threads(args.threads)
     _check_writable(args.out, "--out", "file")
     known, sets = {f.name for f in dataclasses.fields(PretrainConfig)}, _parse_overrides(args.set)
-    unknown = sorted(set(sets) - known)
+    unknown = sorted((set(sets) - known) | ({"seed"} & set(sets)))
     if unknown:
-        raise ValueError(f"--set {unknown[0]}: not a pretraining option; valid: {sorted(known)}")
+        raise ValueError(f"--set {unknown[0]}: not a pretraining option (the seed is --seed); "
+                         f"valid: {sorted(known - {'seed'})}")
     cfg = PretrainConfig(**{**sets, "seed": args.seed})
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stat]}"),
                   TimeElapsedColumn()) as bar:

@@ -82,8 +82,9 @@ POSITIVE = {"batch_size", "utd_ratio", "num_critics", "critic_subsample", "nstep
             "hidden_dims", "hidden_dim", "conv_channels", "conv_strides", "action_repeat", "update_every_steps",
             "num_train_frames", "replay_buffer_size", "encoder_chunk_size", "lr", "init_temperature", "actor_steps",
             "critic_passes", "bc_steps", "noise_critic_steps", "simba_hidden_dim", "simba_blocks", "simba_atoms",
-            "simba_v_max", "simba_c_shift", "drm_perturb_interval"}
-NON_NEGATIVE = {"aug_pad", "num_seed_frames", "stddev_clip", "drm_perturb_rate"}
+            "simba_v_max", "simba_c_shift", "drm_perturb_interval", "actor_moe_topk", "mentor_set_size"}
+NON_NEGATIVE = {"aug_pad", "num_seed_frames", "stddev_clip", "drm_perturb_rate", "actor_moe_experts",
+                "actor_moe_router_entropy"}
 FRACTIONS = {"gamma", "discount", "tau", "critic_target_tau", "drm_min_perturb_factor", "drm_max_perturb_factor",
              "drm_perturb_threshold", "drm_target_beta", "drm_target_lambda"}  # in [0, 1]
 RATES = {"critic_dropout"}  # in [0, 1)
@@ -96,7 +97,7 @@ RESUME_SAFE = {"lr", "tau", "critic_target_tau", "batch_size", "utd_ratio", "cri
                "update_every_steps", "num_train_frames", "encoder_chunk_size", "fused_adam", "actor_steps",
                "critic_passes", "bc_steps", "drm_perturb_interval", "drm_perturb_rate", "drm_min_perturb_factor",
                "drm_max_perturb_factor", "drm_perturb_threshold", "drm_target_beta", "drm_target_lambda",
-               "drm_expectile"}
+               "drm_expectile", "actor_moe_router_entropy"}
 
 
 def _check_agent_option(key: str, value, hint):
@@ -182,7 +183,15 @@ def make_agent_config(name: str, overrides: dict, seed: int, env=None, saved: di
     if merged.get("drm_min_perturb_factor", 0) > merged.get("drm_max_perturb_factor", 1):
         raise ValueError(f"--set drm_min_perturb_factor ({merged['drm_min_perturb_factor']}) must not exceed "
                          f"drm_max_perturb_factor ({merged['drm_max_perturb_factor']})")
-    return cfg_cls.from_dict(merged)
+    cfg = cfg_cls.from_dict(merged)
+    if "mentor_perturb" in hints:  # MENTOR's options together (robolearn.agents.mentor), before anything is built
+        from robolearn.agents.mentor import check_config
+        try:
+            check_config(cfg)
+        except ValueError as err:
+            raise ValueError(f"--set {err}") from None
+    return cfg
+
 
 def build_agent(name: str, env, overrides: dict, seed: int, agent_config: dict | None = None):
     """An agent for env's spaces; agent_config (agent.config_dict() from a checkpoint) wins over defaults,
@@ -419,7 +428,10 @@ class Trainer:
         obs, _ = self.env.reset(seed=int(self.rng.integers(2**31)))
         self.agent.reset()
         self.replay.add_first(obs)
-        ep_return, steps_start = 0.0, self.step
+        ep_return, steps_start, ep_start = 0.0, self.step, self.step
+        # An agent with observe_episode(return_) (SERL with mentor_perturb) is told the return of each training
+        # episode the policy acted in throughout (none of it in the seed steps), before any checkpoint of its end.
+        observe_episode = getattr(self.agent, "observe_episode", None)
         while self.step < total_steps:
             if self.governor is not None:
                 self.governor.check()
@@ -435,7 +447,7 @@ class Trainer:
                     obs, _ = self.env.reset(seed=int(self.rng.integers(2**31)))
                     self.agent.reset()
                     self.replay.add_first(obs)  # the broken episode stays, ended without a terminal flag
-                    ep_return = 0.0
+                    ep_return, ep_start = 0.0, self.step
                     continue
             obs, reward, terminated, truncated, info = self.env.step(action)
             self.replay.add(action, reward, obs, terminated, truncated)
@@ -450,13 +462,15 @@ class Trainer:
                 self.history["train"].append([self.step * self.repeat, ep_return, success])
                 self._writer.add_scalar("episode/return", ep_return, self.step * self.repeat)
                 self._writer.add_scalar("episode/success", float(success), self.step * self.repeat)
+                if observe_episode is not None and ep_start >= p["seed_steps"]:
+                    observe_episode(ep_return)
                 self._evaluate_and_save(result)
                 if result["reached_target"]:
                     break
                 obs, _ = self.env.reset(seed=int(self.rng.integers(2**31)))
                 self.agent.reset()
                 self.replay.add_first(obs)
-                ep_return = 0.0
+                ep_return, ep_start = 0.0, self.step
                 fps = (self.step - steps_start) * self.repeat / (time.perf_counter() - self._t_start)
                 self._progress.update(self._bar, completed=self.step, fps=fps,
                                       stat=f"return {np.mean([r for r, _ in recent]):.2f}  "

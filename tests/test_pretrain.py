@@ -82,14 +82,52 @@ def test_pretrained_tower_loads_as_the_frozen_drq_encoder_and_records_its_recipe
 @pytest.mark.parametrize("field, value, message", [
     ("epochs", 0, "epochs must be a positive integer"),
     ("random_episodes", -1, "random_episodes must be a non-negative integer"),
-    ("noise", float("nan"), "noise must be a positive number"),
+    ("noise", float("nan"), "noise must be a number, got nan"),
     ("holdout", 1.0, r"holdout must be in \[0, 1\)"),
+    ("epochs", 25.0, "epochs must be a positive integer"),  # refused before minutes of collection, not after
+    ("batch_size", True, "batch_size must be a positive integer"),
+    ("lr", "fast", "lr must be a number"),
 ])
 def test_bad_pretraining_options_are_one_line_errors(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message) as err:
         pretrain_encoder(ENV, tmp_path / "e.safetensors", ENV_KW, PretrainConfig(**{**TINY, field: value}))
     assert "\n" not in str(err.value)
     assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_a_holdout_never_takes_every_episode():
+    from robolearn.agents.pretrain import fit
+
+    rng = np.random.default_rng(0)
+    frames = {"images/front": rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)}
+    labels = rng.normal(size=(20, 3)).astype(np.float32)
+    state, metrics = fit(frames, labels, np.repeat([0, 1], 10), PretrainConfig(**{**TINY, "holdout": 0.75,
+                                                                                    "epochs": 1, "batch_size": 4}))
+    assert metrics["held_out_frames"] == 10 and np.isfinite(metrics["train_loss"])
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_a_drq_state_file_must_fit_the_cameras_and_image_size(encoder):
+    from gymnasium import spaces
+
+    from robolearn.agents.serl import SERLAgent, SERLConfig
+
+    def space(size, cams=("front", "wrist")):
+        return spaces.Dict({"state": spaces.Box(-1, 1, (7,), np.float32),
+                            **{f"images/{c}": spaces.Box(0, 255, (size, size, 3), np.uint8) for c in cams}})
+
+    act = spaces.Box(-1, 1, (4,), np.float32)
+    cfg = SERLConfig(frozen_encoder=str(encoder[0]), frozen_arch="drq_state", num_critics=2, hidden_dims=(32, 32))
+    assert SERLAgent(space(32), act, cfg, device="cpu").replay_view() is not None
+    with pytest.raises(ValueError, match="pretrained on 32x32 frames; images/front is 64x64"):
+        SERLAgent(space(64), act, cfg, device="cpu")
+    with pytest.raises(ValueError, match="heads for cameras \\['front', 'wrist'\\], not 'side'"):
+        SERLAgent(space(32, ("front", "side")), act, cfg, device="cpu")
+    uncached = SERLConfig(**{**cfg.__dict__, "cache_features": False})
+    assert SERLAgent(space(32), act, uncached, device="cpu").replay_view() is None  # frames stay in the replay
+    saved = {k: v for k, v in cfg.__dict__.items() if k != "cache_features"}  # a checkpoint from before caching
+    assert SERLConfig.from_dict(saved).cache_features is False
+    assert SERLConfig.from_dict({**saved, "frozen_encoder": None}).cache_features is True
 
 
 def test_an_env_without_cameras_or_a_non_safetensors_out_is_refused(tmp_path):
@@ -165,6 +203,7 @@ def test_the_pretrain_encoder_command_writes_the_file_and_refuses_bad_options(tm
     assert metrics["frames"] == 3 * 21 and metrics["cameras"] == ["front", "wrist"]
     assert FrozenEncoder("drq_state", out).out_dim == 6
     for args, message in ((("--set", "epoch=3"), "--set epoch: not a pretraining option"),
+                          (("--set", "seed=3"), "--set seed: not a pretraining option (the seed is --seed)"),
                           (("--set", "epochs=0"), "epochs must be a positive integer")):
         bad = cli("--out", str(tmp_path / "bad.safetensors"), *args)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]

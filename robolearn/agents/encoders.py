@@ -114,14 +114,32 @@ class ResNet(nn.Module):
 FROZEN_ARCHS = ("resnet10", "resnet18", "drq", "drq_state")
 
 
-def _state_heads(state: dict[str, torch.Tensor]) -> nn.ModuleDict:
+def _state_heads(state: dict[str, torch.Tensor], where) -> nn.ModuleDict:
     """The per-camera regression heads `heads.<cam>.{0,2}.*` of a robolearn.agents.pretrain file."""
     cams = sorted({k.split(".")[1] for k in state if k.startswith("heads.")})
     heads = nn.ModuleDict()
     for cam in cams:
+        missing = [k for k in (f"heads.{cam}.0.weight", f"heads.{cam}.2.weight") if k not in state]
+        if missing:
+            raise ValueError(f"{where}: no tensor {missing[0]}; not a `robolearn pretrain-encoder` file")
         w0, w2 = state[f"heads.{cam}.0.weight"], state[f"heads.{cam}.2.weight"]
         heads[cam] = nn.Sequential(nn.Linear(w0.shape[1], w0.shape[0]), nn.ReLU(), nn.Linear(w2.shape[1], w2.shape[0]))
     return heads
+
+
+def _metadata(path: str | Path) -> dict:
+    """A pretrain file's `metrics` metadata (image_shape, cameras ...), {} where there is none."""
+    import json
+
+    if Path(path).suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    try:
+        return json.loads(meta.get("metrics", "{}"))
+    except ValueError:
+        return {}
 
 
 def load_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -153,7 +171,7 @@ class FrozenEncoder(nn.Module):
         super().__init__()
         if arch not in FROZEN_ARCHS:
             raise ValueError(f"unknown frozen encoder arch {arch!r}; valid: {FROZEN_ARCHS}")
-        self.arch, self.heads = arch, None
+        self.arch, self.heads, self.meta = arch, None, {}
         if arch == "drq_state" and weights is None:
             raise ValueError("frozen encoder arch 'drq_state' needs weights: a `robolearn pretrain-encoder` file")
         if arch in ("drq", "drq_state"):
@@ -171,12 +189,16 @@ class FrozenEncoder(nn.Module):
             if prefix:
                 state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if arch == "drq_state":
-                self.heads = _state_heads(state)
+                self.heads = _state_heads(state, weights)
                 if not self.heads:
                     raise ValueError(f"{weights}: no heads.<camera>.* tensors; arch 'drq_state' takes a "
                                      f"`robolearn pretrain-encoder` file")
-                self.heads.load_state_dict({k.removeprefix("heads."): v for k, v in state.items()
-                                            if k.startswith("heads.")})
+                try:
+                    self.heads.load_state_dict({k.removeprefix("heads."): v for k, v in state.items()
+                                                if k.startswith("heads.")})
+                except RuntimeError as err:
+                    raise ValueError(f"{weights}: its heads do not load: {str(err).splitlines()[0]}") from None
+                self.meta = _metadata(weights)
                 self.out_dim = next(iter(self.heads.values()))[-1].out_features
             if arch in ("drq", "drq_state"):  # a ConvEncoder state dict names its tower "convs."
                 state = {k.removeprefix("convs."): v for k, v in state.items()
@@ -188,6 +210,21 @@ class FrozenEncoder(nn.Module):
                                  f"unexpected {unexpected[:6]}")
         self.requires_grad_(False)
         self.eval()
+
+    def check_fits(self, observation_space, image_keys) -> None:
+        """drq_state: every camera has a head, at the image size the file was pretrained on (its metadata);
+        ValueError names the camera. Other archs take any camera and size."""
+        if self.heads is None:
+            return
+        trained = self.meta.get("image_shape")
+        for key in image_keys:
+            cam = key.removeprefix("images/")
+            if cam not in self.heads:
+                raise ValueError(f"frozen encoder (drq_state) has heads for cameras {sorted(self.heads)}, not {cam!r}")
+            shape = list(observation_space.spaces[key].shape)
+            if trained and shape[:2] != list(trained[:2]):
+                raise ValueError(f"frozen encoder (drq_state) was pretrained on {trained[0]}x{trained[1]} frames; "
+                                 f"{key} is {shape[0]}x{shape[1]} (pretrain at this image_size)")
 
     def train(self, mode: bool = True):
         return super().train(False)  # BatchNorm statistics stay the pretrained ones

@@ -56,18 +56,23 @@ class PretrainConfig:
     seed: int = 0
 
     def check(self) -> None:
-        counts = (self.expert_episodes, self.noisy_episodes, self.random_episodes)
-        for name in ("expert_episodes", "noisy_episodes", "random_episodes", "epochs", "batch_size", "aug_pad"):
+        """Every field's type and range; a one-line ValueError names the first bad one."""
+        for name in ("expert_episodes", "noisy_episodes", "random_episodes", "epochs", "batch_size", "aug_pad",
+                     "seed"):
+            value, least = getattr(self, name), 1 if name in ("epochs", "batch_size") else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"pretrain: {name} must be a {'positive' if least else 'non-negative'} integer, "
+                                 f"got {value!r}")
+        if self.expert_episodes + self.noisy_episodes + self.random_episodes < 2:
+            raise ValueError(f"pretrain: need at least 2 episodes in all, got "
+                             f"{self.expert_episodes + self.noisy_episodes + self.random_episodes}")
+        for name in ("noise", "lr", "holdout"):
             value = getattr(self, name)
-            if int(value) != value or value < (0 if name.endswith("episodes") or name == "aug_pad" else 1):
-                raise ValueError(f"pretrain: {name} must be a {'non-negative' if name.endswith('episodes') else 'positive'}"
-                                 f" integer, got {value!r}")
-        if sum(counts) < 2:
-            raise ValueError(f"pretrain: need at least 2 episodes in all, got {sum(counts)}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"pretrain: {name} must be a number, got {value!r}")
         for name in ("noise", "lr"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"pretrain: {name} must be a positive number, got {value!r}")
+            if getattr(self, name) <= 0:
+                raise ValueError(f"pretrain: {name} must be a positive number, got {getattr(self, name)!r}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"pretrain: holdout must be in [0, 1), got {self.holdout!r}")
 
@@ -114,8 +119,10 @@ def collect(env, cfg: PretrainConfig, progress=None) -> tuple[dict[str, np.ndarr
             done = terminated or truncated
         if progress is not None:
             progress(ep + 1, len(kinds))
-    return ({k: np.stack(v) for k, v in frames.items()}, np.stack(labels).astype(np.float32),
-            np.asarray(episode))
+    labels = np.stack(labels).astype(np.float32)
+    if labels.shape[1] == 0:
+        raise ValueError(f"{env.spec.id if env.spec else env}: its task reports no object state to regress")
+    return {k: np.stack(v) for k, v in frames.items()}, labels, np.asarray(episode)
 
 
 class _Regressor(nn.Module):
@@ -144,7 +151,8 @@ def fit(frames: dict[str, np.ndarray], labels: np.ndarray, episode: np.ndarray, 
     gen = torch.Generator().manual_seed(cfg.seed)
     cams = list(frames)
     eps = np.unique(episode)
-    held = np.random.default_rng(cfg.seed).permutation(eps)[:int(round(cfg.holdout * len(eps)))]
+    n_held = min(int(round(cfg.holdout * len(eps))), len(eps) - 1)  # at least one episode to train on
+    held = np.random.default_rng(cfg.seed).permutation(eps)[:n_held]
     test = np.isin(episode, held)
     train_idx, test_idx = np.flatnonzero(~test), np.flatnonzero(test)
     mean, std = labels[train_idx].mean(0), labels[train_idx].std(0) + 1e-3

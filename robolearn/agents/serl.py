@@ -24,7 +24,9 @@ critic and reward scaling (`network="simbav2"`, robolearn.agents.simba): the cri
 backup's distribution onto the critic's support and trains by cross-entropy (`_update_critic`).
 
 With `drm=True`, DrM (robolearn.agents.drm): the actor's dormant ratio perturbs the networks, raises the target
-entropy and blends an expectile value network into the critic's target.
+entropy and blends an expectile value network into the critic's target. MENTOR (robolearn.agents.mentor):
+`actor_moe_experts` puts a mixture-of-experts in the actor, and `mentor_perturb` (with drm) perturbs towards the
+weights of the best episodes so far, whose returns reach the agent through `observe_episode`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robolearn.agents import drm, simba
+from robolearn.agents import drm, mentor, simba
 from robolearn.agents.base import default_device, obs_to_torch
 from robolearn.agents.encoders import DictObsEncoder, FrozenEncoder, feature_key, image_keys_of, random_shift
 from robolearn.agents.errors import check_batch_finite, check_finite
@@ -103,6 +105,17 @@ class SERLConfig:
     drm_target_beta: float = 0.2  # beta_hat: the schedules' midpoint
     drm_target_lambda: float = 0.6  # lambda_hat, the value net's largest share of the backup
     drm_expectile: float = 0.9  # of Q(s, a) over the replay's actions, which the value net learns
+    # MENTOR (Huang et al. 2025; robolearn.agents.mentor), off by default, for network="mlp". A mixture-of-experts
+    # actor: its first hidden layer feeds a router over actor_moe_experts experts (each SERL's remaining hidden
+    # layers), of which the actor_moe_topk with the highest router probabilities are mixed per sample. 0: SERL's MLP.
+    # The authors' DMC and Meta-World setting: 16 experts, top 4; their ablation found 8 best, 4-32 alike at top 4.
+    actor_moe_experts: int = 0
+    actor_moe_topk: int = 4
+    actor_moe_router_entropy: float = 1.0  # weight of the router's mean entropy in the actor loss (the authors': 1)
+    # Task-oriented perturbation (needs drm): DrM's perturbations move towards a draw from the per-parameter Gaussian
+    # of the weights kept after the mentor_set_size best training episodes (the authors' 10), not a fresh init.
+    mentor_perturb: bool = False
+    mentor_set_size: int = 10
     # Observations
     proprio_keys: tuple[str, ...] = ("state",)
     image_keys: tuple[str, ...] | None = None  # None: every images/<cam> in the space
@@ -111,7 +124,12 @@ class SERLConfig:
     conv_strides: tuple[int, ...] = (2, 1, 1, 1)  # DrQ; (2, 2, 2, 1) is ~3.5x cheaper on CPU
     aug_pad: int = 4
     frozen_encoder: str | None = None  # weights file (.safetensors / .pt) of a pretrained encoder
-    frozen_arch: str = "resnet10"  # resnet10 | resnet18 | drq (see encoders.FrozenEncoder)
+    frozen_arch: str = "resnet10"  # resnet10 | resnet18 | drq | drq_state (see encoders.FrozenEncoder)
+    # With a frozen encoder (and frame_stack 1): the replay stores its features, computed once per env step, in
+    # place of frames (replay_view); updates then see no random shift. False: frames in the replay, encoded per
+    # update with random shift (SERL's ResNet route; slower on a CPU). A checkpoint from before this option
+    # resumes with False, the layout its replay was saved in.
+    cache_features: bool = True
     # torch.compile the critic ensemble (25-50 s to compile at first). Measured at f6402c7 on the 2-core VM, 1
     # thread, CPU_OVERRIDES: no faster (167-173 against 172-180 critic steps/s), and with critic_dropout 20%
     # slower (119 against 146-149: the masks break the graph); an older tree measured 1.1-1.3x.
@@ -122,6 +140,8 @@ class SERLConfig:
     def from_dict(cls, d: dict) -> "SERLConfig":
         """Inverse of asdict after a JSON round trip (lists back to tuples)."""
         tuples = {f.name for f in fields(cls) if "tuple" in str(f.type)}
+        if "cache_features" not in d and d.get("frozen_encoder") is not None:
+            d = {**d, "cache_features": False}  # saved before caching existed: its replay holds frames
         return cls(**{k: tuple(v) if k in tuples and v is not None else v for k, v in d.items()})
 
 
@@ -272,13 +292,23 @@ def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, activation: str
     return nn.Sequential(*layers)
 
 
+def actor_net(cfg: SERLConfig, in_dim: int, action_dim: int) -> nn.Module | None:
+    """The network TanhGaussianActor takes in place of its MLP for `cfg` (SimbaV2's, MENTOR's MoE), or None."""
+    if cfg.network == "simbav2":
+        return simba.SimbaV2Net(in_dim, 2 * action_dim, cfg.simba_hidden_dim, cfg.simba_blocks, cfg.simba_c_shift)
+    if cfg.actor_moe_experts:
+        return mentor.MoEActorNet(in_dim, 2 * action_dim, cfg.hidden_dims, cfg.activation, cfg.actor_moe_experts,
+                                  cfg.actor_moe_topk)
+    return None
+
+
 class TanhGaussianActor(nn.Module):
     """A state-dependent Gaussian squashed by tanh into [-1, 1]."""
 
     def __init__(self, in_dim: int, action_dim: int, hidden_dims: tuple[int, ...], activation: str,
                  log_std_min: float, log_std_max: float, net: nn.Module | None = None):
         super().__init__()
-        # `net`: another (B, in_dim) -> (B, 2 * action_dim) network (SimbaV2's) in place of the MLP.
+        # `net`: another (B, in_dim) -> (B, 2 * action_dim) network (SimbaV2's, MENTOR's MoE) in place of the MLP.
         self.net = mlp(in_dim, hidden_dims, 2 * action_dim, activation) if net is None else net
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
 
@@ -323,13 +353,17 @@ def minibatches(batch: dict, utd: int) -> list[dict]:
 
 # -- the agent -------------------------------------------------------------------------------
 
-def sac_actor_step(agent, feat: torch.Tensor, q_of, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+def sac_actor_step(agent, feat: torch.Tensor, q_of, batch: dict, step: int,
+                   extra_loss=None) -> tuple[torch.Tensor, dict]:
     """SAC's actor and temperature step for an agent with actor, alpha, actor_opt, alpha_opt,
     target_entropy, update_gen and actor_updates (SERLAgent; DSRLAgent in noise space): the actor
-    maximises q_of(its sample) - alpha log pi, the temperature tracks target_entropy.
+    maximises q_of(its sample) - alpha log pi, the temperature tracks target_entropy. `extra_loss`: a
+    callable, called after the actor's forward pass, whose 0-d tensor joins the actor loss (MENTOR's router term).
     Returns the actor's squashed sample (detached) and the metrics."""
     action, log_prob = agent.actor.sample(feat, agent.update_gen)
     actor_loss = (agent.alpha.detach() * log_prob - q_of(action)).mean()
+    if extra_loss is not None:
+        actor_loss = actor_loss + extra_loss()
     check_finite(actor_loss, "actor", step, batch)
     agent.actor_opt.zero_grad(set_to_none=True)
     actor_loss.backward()
@@ -398,6 +432,7 @@ class SERLAgent:
             raise ValueError(f"critic_subsample {cfg.critic_subsample} > num_critics {cfg.num_critics}")
         check_networks(cfg)
         drm.check_config(cfg)
+        mentor.check_config(cfg)
         self.observation_space, self.action_space = observation_space, action_space
         self.action_dim = int(np.prod(action_space.shape))
         self.target_entropy = (-self.action_dim / 2.0 if cfg.target_entropy is None else float(cfg.target_entropy))
@@ -409,15 +444,14 @@ class SERLAgent:
             self.frozen = None
             if cfg.frozen_encoder is not None and self.image_keys:
                 self.frozen = FrozenEncoder(cfg.frozen_arch, cfg.frozen_encoder).to(self.device)
+                self.frozen.check_fits(observation_space, self.image_keys)
             self.encoder = DictObsEncoder(
                 observation_space, cfg.proprio_keys, self.image_keys, cfg.frame_stack, cfg.feature_dim,
                 cfg.conv_strides, None if self.frozen is None else self.frozen.out_dim, cfg.aug_pad).to(self.device)
             d, a = self.encoder.out_dim, self.action_dim
             simba_v2 = cfg.network == "simbav2"
-            net = (simba.SimbaV2Net(d, 2 * a, cfg.simba_hidden_dim, cfg.simba_blocks, cfg.simba_c_shift)
-                   if simba_v2 else None)
             self.actor = TanhGaussianActor(d, a, cfg.hidden_dims, cfg.activation, cfg.log_std_min, cfg.log_std_max,
-                                           net).to(self.device)
+                                           actor_net(cfg, d, a)).to(self.device)
             if simba_v2:
                 self.critic = simba.SimbaV2Critic(d + a, cfg.num_critics, cfg.simba_hidden_dim, cfg.simba_blocks,
                                                   cfg.simba_atoms, cfg.simba_v_max, cfg.simba_c_shift).to(self.device)
@@ -428,6 +462,9 @@ class SERLAgent:
             self.value = mlp(d, cfg.hidden_dims, 1, cfg.activation).to(self.device) if cfg.drm else None
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.drm = drm.DrM(cfg, self.actor) if cfg.drm else None
+        # MENTOR's kept weights: the networks DrM perturbs (the target critic moves with the critic).
+        self.mentor = (mentor.TopSet({"actor": self.actor, "critic": self.critic, "value": self.value},
+                                     cfg.mentor_set_size) if cfg.mentor_perturb else None)
         self.log_alpha = torch.tensor(math.log(cfg.init_temperature), device=self.device, requires_grad=True)
 
         # The encoder learns from the critic loss only (DrQ), so it shares the critic's optimizer.
@@ -485,10 +522,10 @@ class SERLAgent:
         return out
 
     def replay_view(self):
-        """With a frozen encoder and frame_stack 1: (space, obs_fn) for a replay that stores the proprio
+        """With a frozen encoder, frame_stack 1 and cache_features: (space, obs_fn) for a replay that stores the proprio
         keys and the cached `features/<cam>` in place of frames (replay.MappedReplay); otherwise None.
         update() then never runs the encoder, and act() still takes frames."""
-        if self.frozen is None or self.cfg.frame_stack != 1:
+        if self.frozen is None or self.cfg.frame_stack != 1 or not self.cfg.cache_features:
             return None
         from gymnasium import spaces
 
@@ -515,6 +552,13 @@ class SERLAgent:
         else:
             action = torch.tanh(self.actor(feat)[0])
         return action[0].cpu().numpy().astype(np.float32)
+
+    def observe_episode(self, return_: float) -> None:
+        """A training episode's return (robolearn.train's loop calls this at each training episode's end, after its
+        last update): with `mentor_perturb`, the current weights join the kept set if the return ranks among the
+        best `mentor_set_size`; otherwise nothing."""
+        if self.mentor is not None:
+            self.mentor.offer(float(return_), {"actor": self.actor, "critic": self.critic, "value": self.value})
 
     # -- learning ------------------------------------------------------------------------------
     @property
@@ -550,6 +594,10 @@ class SERLAgent:
         if self.drm is not None:  # its state after this update (beta from this batch), which the next one uses
             out.update(self.drm.metrics())
             out["drm/target_entropy"] = self.target_entropy
+        if self.mentor is not None:
+            out["mentor/kept"] = float(self.mentor.count())
+            if self.mentor.count():
+                out["mentor/lowest_kept_return"] = float(self.mentor.kept_returns().min())
         return out
 
     def _update_critic(self, b: dict, step: int):
@@ -586,14 +634,19 @@ class SERLAgent:
         def q_of(a):  # the ensemble mean, as RLPD
             return self.critic(feat, a, detach=True).mean(dim=0)
 
+        moe, weight = self.cfg.actor_moe_experts > 0, self.cfg.actor_moe_router_entropy
+        extra = (lambda: weight * self.actor.net.router_entropy) if moe and weight > 0 else None  # noqa: E731
         if self.drm is None:
-            return sac_actor_step(self, feat, q_of, b, step)[1]
-        # DrM's exploration, SAC's way: at least the entropy of its noise std sigma(beta), squashed; then beta.
-        self.target_entropy = max(self.base_target_entropy,
-                                  drm.tanh_gaussian_entropy(self._drm_stddev(), self.action_dim))
-        with self.drm.probe:
-            _, metrics = sac_actor_step(self, feat, q_of, b, step)
-        self.drm.observe(step)
+            metrics = sac_actor_step(self, feat, q_of, b, step, extra)[1]
+        else:
+            # DrM's exploration, SAC's way: at least the entropy of its noise std sigma(beta), squashed; then beta.
+            self.target_entropy = max(self.base_target_entropy,
+                                      drm.tanh_gaussian_entropy(self._drm_stddev(), self.action_dim))
+            with self.drm.probe:
+                _, metrics = sac_actor_step(self, feat, q_of, b, step, extra)
+            self.drm.observe(step)
+        if moe:
+            metrics["mentor/router_entropy"] = self.actor.net.router_entropy.detach()
         return metrics
 
     def _drm_stddev(self) -> float:
@@ -614,14 +667,26 @@ class SERLAgent:
     def _drm_perturb(self) -> None:
         """DrM's shrink and perturb of actor, critic (its target towards the same fresh critic) and value network,
         fresh weights drawn from the update stream; the moments of their optimizers (the critic's holds the
-        encoder's) start over, as the authors'. The temperature is left alone."""
+        encoder's) start over, as the authors'. The temperature is left alone. With `mentor_perturb` and an
+        episode kept, MENTOR's: towards a draw from the kept weights' Gaussian in place of a fresh init."""
         cfg, d, a = self.cfg, self.encoder.out_dim, self.action_dim
+        optimizers = (self.actor_opt, self.critic_opt, self.value_opt)
+        if self.mentor is not None and self.mentor.count():
+            alpha = self.drm.perturb_factor()
+            targets = {name: self.mentor.sample(name, self.update_gen) for name in ("actor", "critic", "value")}
+            for net, name in ((self.actor, "actor"), (self.critic, "critic"), (self.critic_target, "critic"),
+                              (self.value, "value")):
+                mentor.mix_(net, targets[name], alpha)
+            for opt in optimizers:
+                opt.state.clear()
+            return
         with drm.fresh_init(self.update_gen):
-            actor = TanhGaussianActor(d, a, cfg.hidden_dims, cfg.activation, cfg.log_std_min, cfg.log_std_max)
+            actor = TanhGaussianActor(d, a, cfg.hidden_dims, cfg.activation, cfg.log_std_min, cfg.log_std_max,
+                                      actor_net(cfg, d, a))
             critic = EnsembleCritic(d + a, cfg.hidden_dims, cfg.num_critics, cfg.activation, cfg.critic_dropout)
             value = mlp(d, cfg.hidden_dims, 1, cfg.activation)
         pairs = [(self.actor, actor), (self.critic, critic), (self.critic_target, critic), (self.value, value)]
-        drm.perturb_(pairs, self.drm.perturb_factor(), (self.actor_opt, self.critic_opt, self.value_opt))
+        drm.perturb_(pairs, self.drm.perturb_factor(), optimizers)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _modules(self) -> dict[str, nn.Module]:
@@ -637,6 +702,8 @@ class SERLAgent:
                "counters/actor_updates": self.actor_updates}
         if self.drm is not None:
             out.update(self.drm.tensors())
+        if self.mentor is not None:
+            out.update(self.mentor.tensors())
         return out if self.reward_scaler is None else {**out, **self.reward_scaler.tensors()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
