@@ -310,18 +310,9 @@ def test_state_dict_round_trip_gives_the_same_actions_and_next_update(tmp_path, 
 def test_resume_through_the_training_loop_matches_the_uninterrupted_run(tmp_path, monkeypatch, agent):
     """tests/test_train.py's exact-resume check (kill between checkpoints, resume, compare every tensor) with DrM on,
     perturbing before and after the checkpoint resumed from: value net, beta, counters and streams come back."""
-    import test_train
+    from test_train import exact_resume_with
 
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    K, N, fields = test_train.EXACT[agent]
-    overrides = {**fields["agent_overrides"], "drm": True, "drm_perturb_interval": 30}
-    monkeypatch.setitem(test_train.EXACT, agent, (K, N, {**fields, "agent_overrides": overrides}))
-    torch.use_deterministic_algorithms(True)
-    try:
-        test_train.test_resume_after_learning_began_matches_the_uninterrupted_run_exactly(tmp_path, agent, None)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.set_num_threads(threads)
+    K, N = exact_resume_with(tmp_path, monkeypatch, agent, {"drm": True, "drm_perturb_interval": 30})
     ckpt = tmp_path / "b" / "checkpoints"
     at_k, at_n = (load_file(str(ckpt / f"step_{s:012d}" / "weights.safetensors")) for s in (K, N))
     assert "value.0.weight" in at_n or "value.trunk.0.weight" in at_n

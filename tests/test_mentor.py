@@ -244,19 +244,11 @@ def test_resume_through_the_training_loop_matches_the_uninterrupted_run(tmp_path
     """tests/test_train.py's exact-resume check (kill between checkpoints, resume, compare every tensor) with MENTOR
     on: the loop hands the agent its episode returns, and the kept set that the perturbations after the resumed
     checkpoint draw from comes back with it."""
-    import test_train
+    from test_train import exact_resume_with
 
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    K, N, fields = test_train.EXACT["serl"]
-    overrides = {**fields["agent_overrides"], "drm": True, "drm_perturb_interval": 30, "actor_moe_experts": 3,
-                 "actor_moe_topk": 2, "mentor_perturb": True, "mentor_set_size": 2}
-    monkeypatch.setitem(test_train.EXACT, "serl", (K, N, {**fields, "agent_overrides": overrides}))
-    torch.use_deterministic_algorithms(True)
-    try:
-        test_train.test_resume_after_learning_began_matches_the_uninterrupted_run_exactly(tmp_path, "serl", None)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.set_num_threads(threads)
+    K, N = exact_resume_with(tmp_path, monkeypatch, "serl", {"drm": True, "drm_perturb_interval": 30,
+                                                             "actor_moe_experts": 3, "actor_moe_topk": 2,
+                                                             "mentor_perturb": True, "mentor_set_size": 2})
     ckpt = tmp_path / "b" / "checkpoints"
     at_k, at_n = (load_file(str(ckpt / f"step_{s:012d}" / "weights.safetensors")) for s in (K, N))
     # 50-step episodes, 40 seed steps: those starting at 50, 100 and 150 are offered (not the partly random first).

@@ -153,17 +153,8 @@ def test_state_dict_round_trip_gives_the_same_actions_and_next_update(tmp_path):
 def test_resume_through_the_training_loop_matches_the_uninterrupted_run(tmp_path, monkeypatch):
     """tests/test_train.py's exact-resume check (kill between checkpoints, resume, compare every tensor) on
     SimbaV2: its weights, optimizer moments and reward scale must all come back."""
-    import test_train
+    from test_train import exact_resume_with
 
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    K, N, fields = test_train.EXACT["serl"]
-    overrides = {**fields["agent_overrides"], "network": "simbav2", "simba_hidden_dim": 16}
-    monkeypatch.setitem(test_train.EXACT, "serl", (K, N, {**fields, "agent_overrides": overrides}))
-    torch.use_deterministic_algorithms(True)
-    try:
-        test_train.test_resume_after_learning_began_matches_the_uninterrupted_run_exactly(tmp_path, "serl", None)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.set_num_threads(threads)
+    K, N = exact_resume_with(tmp_path, monkeypatch, "serl", {"network": "simbav2", "simba_hidden_dim": 16})
     saved = load_file(str(tmp_path / "b" / "checkpoints" / f"step_{N:012d}" / "weights.safetensors"))
     assert "critic.net.up_w.0" in saved and float(saved["reward_scaler/count"]) > 0

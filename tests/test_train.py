@@ -222,6 +222,22 @@ def _h5_contents(path: Path) -> dict:
     return out
 
 
+def exact_resume_with(tmp_path: Path, monkeypatch, agent: str, overrides: dict) -> tuple[int, int]:
+    """The exact-resume check below with extra agent options (an agent variant's tests reuse it); returns its
+    (K, N): run B's checkpoints at those steps are under tmp_path / "b" / "checkpoints"."""
+    K, N, fields = EXACT[agent]
+    monkeypatch.setitem(EXACT, agent, (K, N, {**fields, "agent_overrides": {**fields["agent_overrides"], **overrides}}))
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        test_resume_after_learning_began_matches_the_uninterrupted_run_exactly(tmp_path, agent, None)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+    return K, N
+
+
 @pytest.mark.parametrize("agent", ["serl", "drqv2"])
 def test_resume_after_learning_began_matches_the_uninterrupted_run_exactly(tmp_path, agent, deterministic_torch):
     import shutil
