@@ -209,3 +209,23 @@ def test_the_pretrain_encoder_command_writes_the_file_and_refuses_bad_options(tm
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]
         assert len(bad.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_act_reuses_the_features_the_replay_just_computed_for_the_same_frames(encoder):
+    from robolearn.agents.serl import SERLAgent, SERLConfig
+
+    env = rsim.make(ENV, **ENV_KW)
+    obs, _ = env.reset(seed=1)
+    cfg = SERLConfig(frozen_encoder=str(encoder[0]), frozen_arch="drq_state", num_critics=2, hidden_dims=(32, 32))
+    agent = SERLAgent(env.observation_space, env.action_space, cfg, device="cpu")
+    fresh = agent.act(obs, explore=False)
+    calls, forward = [], agent.frozen.forward
+    agent.frozen.forward = lambda *a, **k: (calls.append(a[1]), forward(*a, **k))[1]
+    stored = agent.replay_view()[1](obs)  # the replay encodes the step's frames: one pass per camera
+    assert calls == ["front", "wrist"] and stored["features/front"].shape == (6,)
+    np.testing.assert_array_equal(agent.act(obs, explore=False), fresh)
+    assert calls == ["front", "wrist"]  # act() took them from the replay's pass
+    other = {**obs, "images/front": obs["images/front"].copy()}  # other frames (equal pixels, another array)
+    agent.act(other, explore=False)
+    assert calls == ["front", "wrist", "front", "wrist"]
+    env.close()

@@ -489,6 +489,7 @@ class SERLAgent:
         self.update_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.act_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
         self.critic.generator = self.critic_target.generator = self.update_gen
+        self._encoded: tuple[dict, dict] | None = None  # (frames, their features) from the replay's last obs_fn
         self.critic_updates = torch.zeros((), dtype=torch.int64)
         self.actor_updates = torch.zeros((), dtype=torch.int64)
 
@@ -534,7 +535,10 @@ class SERLAgent:
             space[feature_key(key)] = spaces.Box(-np.inf, np.inf, (self.frozen.out_dim,), np.float32)
 
         def obs_fn(obs):
-            return {**{k: obs[k] for k in self.cfg.proprio_keys}, **self.precompute(obs)}
+            features = self.precompute(obs)
+            if np.asarray(obs[self.image_keys[0]]).ndim == 3:  # one step: act() on these frames reuses them
+                self._encoded = ({k: obs[k] for k in self.image_keys}, features)
+            return {**{k: obs[k] for k in self.cfg.proprio_keys}, **features}
 
         return spaces.Dict(space), obs_fn
 
@@ -545,7 +549,11 @@ class SERLAgent:
     @torch.no_grad()
     def act(self, obs: dict[str, np.ndarray], explore: bool) -> np.ndarray:
         """One action in [-1, 1]: a policy sample when exploring, tanh(mean) otherwise."""
-        o = self._with_features(obs_to_torch(obs, self.device), augment=False)
+        o = obs_to_torch(obs, self.device)
+        frames, features = self._encoded or ({}, {})
+        if frames and all(obs.get(k) is v for k, v in frames.items()):  # the replay just encoded these frames
+            o.update({k: torch.as_tensor(v, device=self.device)[None] for k, v in features.items()})
+        o = self._with_features(o, augment=False)
         feat = self.encoder(o)
         if explore:
             action, _ = self.actor.sample(feat, self.act_gen)
