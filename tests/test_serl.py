@@ -434,3 +434,39 @@ def test_dropout_mask_rounds_of_gaps_continue_where_the_last_ended_and_p_is_chec
     for bad in (0.0, 1.0, -0.5):
         with pytest.raises(ValueError, match=r"dropout_mask: p must be in \(0, 1\)"):
             dropout_mask((4,), bad, g, "cpu")
+
+
+def test_sparse_dropout_matches_the_mask_formula_in_values_and_gradients():
+    """On a CPU at DroQ's rate the critic zeroes the dropped elements in place (serl.ZeroAt) and folds the
+    kept elements' 1 / (1 - p) into LayerNorm's eps: it must compute what h * mask -> LayerNorm computes."""
+    import torch.nn.functional as F
+
+    from robolearn.agents.serl import LAYER_NORM_EPS, EnsembleCritic, dropout_mask, sparse_dropout
+
+    assert sparse_dropout(0.01, "cpu") and not sparse_dropout(0.3, "cpu")
+    torch.manual_seed(0)
+    critic = EnsembleCritic(12, (64, 64), 2, "tanh", dropout=0.01)
+    obs, action = torch.randn(128, 9), torch.rand(128, 3, requires_grad=True)
+    critic.generator = torch.Generator().manual_seed(5)
+    q = critic(obs, action)
+    grads = torch.autograd.grad(q.square().sum(), [action, *critic.parameters()])
+
+    g = torch.Generator().manual_seed(5)  # the same draws, through the full-size mask
+    ws, bs = list(critic.weights), list(critic.biases)
+    h = torch.cat([obs, action], -1) @ ws[0] + bs[0]
+    for i in range(2):
+        if i:
+            h = torch.baddbmm(bs[i], h, ws[i])
+        h = h * dropout_mask(h.shape, 0.01, g, "cpu")
+        h = torch.tanh(F.layer_norm(h, h.shape[-1:], eps=LAYER_NORM_EPS) * critic.ln_weights[i] + critic.ln_biases[i])
+    expected = torch.baddbmm(bs[-1], h, ws[-1]).squeeze(-1)
+    want = torch.autograd.grad(expected.square().sum(), [action, *critic.parameters()])
+    assert torch.allclose(q, expected, atol=1e-5)
+    with torch.no_grad():  # dropout dropped something: without it the values differ
+        assert not torch.allclose(critic.eval()(obs, action), q, atol=1e-3)
+    critic.train()
+    for got, ref in zip(grads, want):
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # in place under no_grad too (the TD target)
+        critic.generator = torch.Generator().manual_seed(5)
+        assert torch.allclose(critic(obs, action), expected, atol=1e-5)

@@ -181,36 +181,72 @@ def check_networks(cfg: SERLConfig) -> None:
 GAP_SAMPLING_MAX_P = 0.05
 
 
-@torch.compiler.disable  # a data-dependent loop and a generator argument: left to eager mode under torch.compile
-def dropout_mask(shape, p: float, generator: torch.Generator | None, device, dtype=torch.float32,
-                 draws: int | None = None) -> torch.Tensor:
-    """Inverted dropout's mask of `shape`: each element 0 with probability p, independently, else 1 / (1 - p).
+def sparse_dropout(p: float, device) -> bool:
+    """Whether dropout at rate p on `device` draws only the dropped elements' indices (dropped_indices): on a
+    CPU at p <= GAP_SAMPLING_MAX_P. Depends on (p, device) only, so a run draws the same masks whenever its
+    generator's state is the same."""
+    return torch.device(device).type == "cpu" and p <= GAP_SAMPLING_MAX_P
 
-    On a CPU at p <= GAP_SAMPLING_MAX_P it is drawn as the gaps between zeros, which are Geometric(p):
+
+@torch.compiler.disable  # a data-dependent loop and a generator argument: left to eager mode under torch.compile
+def dropped_indices(n: int, p: float, generator: torch.Generator | None, device,
+                    draws: int | None = None) -> torch.Tensor:
+    """The flat indices (ascending, int64) of the elements that dropout at rate p drops among n, each
+    independently with probability p, drawn as the gaps between them, which are Geometric(p):
     floor(log U / log(1 - p)) + 1, `draws` per round (default: enough for one round but once in ~1e9).
-    That costs in proportion to the zeros, not the elements: CPU random numbers cost ~6 ns each, so a
+
+    That costs in proportion to the drops, not the elements: CPU random numbers cost ~6 ns each, so a
     Bernoulli per element of a (2, 256, 256) activation took 0.8 ms, as long as the rest of that layer's
-    critic step, and the gaps 0.15 ms at p = 0.01 (DroQ's rate; a busy 2-core VM). On a GPU, or at a
-    higher p, one Bernoulli kernel is cheaper. The choice depends on (p, device) only, so a run draws
-    the same masks whenever its generator's state is the same."""
+    critic step, and the gaps 0.15 ms at p = 0.01 (DroQ's rate; a busy 2-core VM)."""
     if not 0.0 < p < 1.0:
-        raise ValueError(f"dropout_mask: p must be in (0, 1), got {p!r}")
-    device = torch.device(device)
-    keep = 1.0 / (1.0 - p)
-    if device.type != "cpu" or p > GAP_SAMPLING_MAX_P:
-        return (torch.rand(shape, generator=generator, device=device) >= p).to(dtype) * keep
-    n = math.prod(shape)
-    mask = torch.full((n,), keep, device=device, dtype=dtype)
-    log_q, last = math.log1p(-p), -1.0
+        raise ValueError(f"dropout: p must be in (0, 1), got {p!r}")
+    log_q, last, found = math.log1p(-p), -1.0, []
     while True:
         m = draws or int(n * p + 6.0 * math.sqrt(n * p) + 16)
         u = torch.rand(m, generator=generator, device=device, dtype=torch.float64)
         zeros = last + torch.cumsum(torch.floor(torch.log1p(-u) / log_q) + 1.0, 0)
         inside = zeros[zeros < n]
-        mask[inside.long()] = 0.0
+        found.append(inside.long())
         if inside.numel() < m:
-            return mask.view(shape)
+            return found[0] if len(found) == 1 else torch.cat(found)
         last = float(zeros[-1])
+
+
+def dropout_mask(shape, p: float, generator: torch.Generator | None, device, dtype=torch.float32,
+                 draws: int | None = None) -> torch.Tensor:
+    """Inverted dropout's mask of `shape`: each element 0 with probability p, independently, else 1 / (1 - p).
+    Where sparse_dropout(p, device), the zeros are dropped_indices (the same ones from the same generator
+    state); on a GPU, or at a higher p, one Bernoulli kernel is cheaper."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"dropout_mask: p must be in (0, 1), got {p!r}")
+    keep = 1.0 / (1.0 - p)
+    if not sparse_dropout(p, device):
+        return (torch.rand(shape, generator=generator, device=device) >= p).to(dtype) * keep
+    n = math.prod(shape)
+    mask = torch.full((n,), keep, device=device, dtype=dtype)
+    mask[dropped_indices(n, p, generator, device, draws)] = 0.0
+    return mask.view(shape)
+
+
+class ZeroAt(torch.autograd.Function):
+    """x with the flat `indices` set to zero, in place, and the same elements of the gradient: dropout
+    without its full-size mask or the two full-size multiplies (forward, backward) a mask costs. x must be
+    contiguous and not needed by the backward of the op that made it (a matmul's output is not)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(indices)
+        ctx.mark_dirty(x)
+        x.view(-1).index_fill_(0, indices, 0.0)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (indices,) = ctx.saved_tensors
+        return grad.reshape(-1).index_fill(0, indices, 0.0).view_as(grad), None
+
+
+LAYER_NORM_EPS = 1e-5  # F.layer_norm's default
 
 
 class EnsembleActivation(nn.Module):
@@ -275,9 +311,16 @@ class EnsembleCritic(nn.Module):
         for i in range(len(lws)):
             if i > 0:
                 h = torch.baddbmm(bs[i], h, ws[i])
+            eps = LAYER_NORM_EPS
             if self.dropout and self.training:  # masks from self.generator, so a resumed run draws the same
-                h = h * dropout_mask(h.shape, self.dropout, self.generator, h.device, h.dtype)
-            h = self.acts[i](torch.addcmul(lbs[i], F.layer_norm(h, h.shape[-1:]), lws[i]))
+                if sparse_dropout(self.dropout, h.device):
+                    # LayerNorm(x / (1 - p), eps) = LayerNorm(x, eps (1 - p)^2): the kept elements' scaling moves
+                    # into eps, and dropout only zeroes the dropped ones (no full-size mask, no full-size multiply).
+                    h = ZeroAt.apply(h, dropped_indices(h.numel(), self.dropout, self.generator, h.device))
+                    eps = LAYER_NORM_EPS * (1.0 - self.dropout) ** 2
+                else:
+                    h = h * dropout_mask(h.shape, self.dropout, self.generator, h.device, h.dtype)
+            h = self.acts[i](torch.addcmul(lbs[i], F.layer_norm(h, h.shape[-1:], eps=eps), lws[i]))
         return torch.baddbmm(bs[-1], h, ws[-1]).squeeze(-1)
 
 
