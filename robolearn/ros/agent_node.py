@@ -21,7 +21,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
-from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 from std_msgs.msg import Bool, Float64MultiArray, Header
 from std_srvs.srv import Trigger
@@ -66,7 +66,9 @@ PARAMS = {  # name: (default, description); docs/ros.md lists them
     "publish_steps": (False, "publish ~/steps: [episode, step, *state, *action] per step, [episode, -1, success] at the end"),
     "estop_topic": (common.ESTOP, "std_msgs/Bool; True latches the e-stop until ~/reset_estop"),
 }
-STEPS_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)  # ~/steps: none may drop
+# ~/steps: none may drop, and a subscriber (with this QoS) that is matched only after the first episode began, as
+# DDS discovery can take a second on a busy machine, still gets the last 1000 messages the agent sent.
+STEPS_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 WARN_HOLDS, ERROR_HOLDS = ("stale", "deadline"), ("estop", "action", "reset", "error")  # other holds: transitions
 
 
