@@ -69,14 +69,14 @@ def option_context(option: str):
 
 def build(setting: str, option: str):
     overrides = {**serl.CPU_OVERRIDES, **SETTINGS[setting], **({"compile": True} if option == "compile" else {})}
-    _env, cfg, agent, batch = agent_and_batch(ENV_ID, ENV_KWARGS, overrides)
+    env, cfg, agent, batch = agent_and_batch(ENV_ID, ENV_KWARGS, overrides)
     step = 0
     with option_context(option):
         for _ in range(3):  # warm-up (and compilation)
             agent.update(batch, step)
             step += 1
-    return {"cfg": cfg, "agent": agent, "batch": batch, "step": step, "obs_dim": _env.observation_space["state"].shape[0],
-            "action_dim": _env.action_space.shape[0]}
+    return {"cfg": cfg, "agent": agent, "batch": batch, "step": step, "obs_dim": env.observation_space["state"].shape[0],
+            "action_dim": env.action_space.shape[0]}
 
 
 def time_updates(run: dict, option: str, n: int) -> float:
