@@ -46,7 +46,7 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	@export ROS_DOMAIN_ID=$$(( RANDOM % 200 + 20 )); \
-	$(PY) -m pytest -q; rc=$$?; \
+	$(PY) -m pytest -q --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no tests; that is a failure" >&2; fi; \
 	exit $$rc
 

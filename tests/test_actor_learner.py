@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ros_processes import stop_node
+from settings import DROQ_UTD4, launch_list
 
 rclpy = pytest.importorskip("rclpy", reason="the ROS 2 wheels (extra `ros`) are not installed")
 from geometry_msgs.msg import TwistStamped  # noqa: E402
@@ -235,8 +236,13 @@ def test_actor_refuses_weights_for_another_agent(world, tmp_path):
 @pytest.mark.timeout(900)
 def test_sim_train_launch_learns_to_lift_the_cube(tmp_path):
     """`robolearn launch launch/sim_train.launch.xml`: SERL on PandaPickCube from states with 20 scripted demos,
-    three processes over DDS, the simulator at 2x real time. The first episodes never lift the cube; the run ends
-    when 2 of the last 10 evaluation episodes do (target_success 0.2), which must come within 6000 env steps.
+    three processes over DDS, the simulator at 4x real time (40 actions per second). The first episodes never lift
+    the cube; the run ends when 2 of the last 10 evaluation episodes do (target_success 0.2), which must come within
+    8000 env steps.
+
+    The learner runs DroQ at UTD 4 (tests/settings.py), so one thread keeps up with 40 actions per second.
+    At the launch file's SERL setting (UTD 8) and 20 actions per second the same test took 3-4.5 minutes, because
+    the actor's pace set its length (2x real time, 3600 env steps); at 40 per second it took 2 minutes.
 
     The learner's progress per env step depends on the CPU it gets (the actor never waits for it), so the test
     waits for the target instead of judging a fixed number of steps: a fixed 3500 failed once in CI (0 of 10)."""
@@ -250,20 +256,22 @@ def test_sim_train_launch_learns_to_lift_the_cube(tmp_path):
     env.close()
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "robolearn.cli", "launch", "launch/sim_train.launch.xml", f"demos:={tmp_path / 'demos'}",
-           f"out:={out}", "frames:=6000", "target_success:=0.2", "rate:=20.0", "real_time_factor:=2.0",
-           "eval_every:=2"]
+           f"out:={out}", "frames:=8000", "target_success:=0.2", "rate:=40.0", "real_time_factor:=4.0",
+           "eval_every:=2", f"agent_set:={launch_list(DROQ_UTD4)}"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**common.isolated_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=840)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     history = json.loads((out / "history.json").read_text())
     episodes = sorted(history["train"] + history["eval"])
     first, last_evals = [e[2] for e in episodes[:5]], [e[2] for e in sorted(history["eval"])[-10:]]
-    assert sum(first) == 0 and sum(last_evals) >= 2 and episodes[-1][0] < 6000, (first, last_evals, episodes[-1])
+    assert sum(first) == 0 and sum(last_evals) >= 2 and episodes[-1][0] < 8000, (first, last_evals, episodes[-1])
     state = state_of(out)
     assert state["updates"] >= 0.5 * state["env_steps"], state["updates"]  # the learner kept up, roughly
     from robolearn.train import load_agent
     agent, config = load_agent(out)  # the learner's checkpoint is an ordinary one: deployable as it is
     assert config["agent"] == "serl" and config["action_shape"] == [4]
+    learned = config["agent_config"]["config"]  # agent_set reached the learner
+    assert (learned["utd_ratio"], learned["critic_dropout"]) == (4, 0.01), learned
 
 
 def test_operator_success_service_ends_the_episode_with_reward_one(world, tmp_path):
