@@ -208,6 +208,10 @@ class Learner:
         due = int((self.env_steps - self.params["seed_steps"]) / self.params["every"] * self.cfg.update_ratio)
         return max(0, due - self.updates)
 
+    def behind(self) -> int:
+        """Env steps received whose updates are still owed (what an actor's `max_learner_lag` compares)."""
+        return math.ceil(self.owed() * self.params["every"] / self.cfg.update_ratio)
+
     def update(self) -> dict:
         from robolearn.train import sample_batch
 
@@ -221,7 +225,7 @@ class Learner:
         state = {k: v for k, v in self.agent.state_dict().items() if not k.startswith(payload.LEARNER_ONLY)}
         return payload.pack_weights(state, self.spec, self.agent.config_dict(), self.version,
                                     {"seed_steps": int(self.params["seed_steps"]), "updates": self.updates,
-                                     "env_steps": self.env_steps})
+                                     "env_steps": self.env_steps, "behind": self.behind()})
 
     def recent_success(self, n: int = 10, kind: str = "eval") -> float | None:
         rows = self.history[kind][-n:]

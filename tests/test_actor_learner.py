@@ -245,8 +245,11 @@ def test_sim_train_launch_learns_to_lift_the_cube(tmp_path):
     At the launch file's SERL setting (UTD 8) and 20 actions per second the same test took 3-4.5 minutes, because
     the actor's pace set its length (2x real time, 3600 env steps); at 40 per second it took 2 minutes.
 
-    The learner's progress per env step depends on the CPU it gets (the actor never waits for it), so the test
-    waits for the target instead of judging a fixed number of steps: a fixed 3500 failed once in CI (0 of 10)."""
+    An actor that never waits gives each env step the updates the learner's CPU allows: on a CI machine 2.3 times
+    slower, 8000 env steps got about half of theirs and the run failed (1 of 10 at 8098). So the actor waits for
+    the learner between episodes (max_learner_lag 200, docs/actor_learner.md), every env step gets its update, and
+    a slower machine makes the test longer instead of failing it. The run still ends at the target, not at a fixed
+    number of steps."""
     from robolearn.demos.dataset import DatasetWriter
     from robolearn.rollout import make_env, run_episodes, scripted_policy
 
@@ -258,7 +261,8 @@ def test_sim_train_launch_learns_to_lift_the_cube(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "robolearn.cli", "launch", "launch/sim_train.launch.xml", f"demos:={tmp_path / 'demos'}",
            f"out:={out}", "frames:=8000", "target_success:=0.2", "rate:=40.0", "real_time_factor:=4.0",
-           "eval_every:=2", "agent_set:=['num_critics=2', 'utd_ratio=4', 'nstep=3', 'critic_dropout=0.01']"]
+           "eval_every:=2", "max_learner_lag:=200",
+           "agent_set:=['num_critics=2', 'utd_ratio=4', 'nstep=3', 'critic_dropout=0.01']"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**common.isolated_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=840)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -267,7 +271,8 @@ def test_sim_train_launch_learns_to_lift_the_cube(tmp_path):
     first, last_evals = [e[2] for e in episodes[:5]], [e[2] for e in sorted(history["eval"])[-10:]]
     assert sum(first) == 0 and sum(last_evals) >= 2 and episodes[-1][0] < 8000, (first, last_evals, episodes[-1])
     state = state_of(out)
-    assert state["updates"] >= 0.5 * state["env_steps"], state["updates"]  # the learner kept up, roughly
+    # the learner kept up: at most the lag, the episode begun under it and the last ones in flight lack updates
+    assert state["updates"] >= state["env_steps"] - 500, (state["updates"], state["env_steps"])
     from robolearn.train import load_agent
     agent, config = load_agent(out)  # the learner's checkpoint is an ordinary one: deployable as it is
     assert config["agent"] == "serl" and config["action_shape"] == [4]

@@ -82,14 +82,17 @@ def test_learner_trains_publishes_and_refuses_another_robot(tmp_path, episodes):
     assert learner.env_steps == 12
     before = {k: v.clone() for k, v in learner.agent.state_dict().items()}
     n = learner.owed()
-    assert n == 12  # SERL: one update call per env step
-    for _ in range(n):
+    assert n == 12 and learner.behind() == 12  # SERL: one update call per env step
+    for _ in range(n - 5):
+        metrics = learner.update()
+    assert learner.behind() == 5 and payload.unpack_weights(learner.weights(), spec)[2]["behind"] == 5
+    for _ in range(5):
         metrics = learner.update()
     assert all(np.isfinite(v) for v in metrics.values())
     changed = [k for k, v in learner.agent.state_dict().items() if k in before and not torch.equal(v, before[k])]
     assert any(k.startswith("actor") for k in changed) and any(k.startswith("critic") for k in changed)
     state, theirs, wmeta = payload.unpack_weights(learner.weights(), spec)
-    assert wmeta["version"] == 1 and wmeta["config"] == json.loads(json.dumps(learner.agent.config_dict()))
+    assert wmeta["version"] == 2 and wmeta["behind"] == 0 and wmeta["config"] == json.loads(json.dumps(learner.agent.config_dict()))
     full = learner.agent.state_dict()
     assert sorted(state) == sorted(k for k in full if not k.startswith(("optim/", "rng/")))
     assert all(torch.equal(state[k], full[k]) for k in state)

@@ -1,4 +1,5 @@
-"""agent_node's train mode: record episodes, send them to the learner, take its weights, never wait for it.
+"""agent_node's train mode: record episodes, send them to the learner, take its weights; wait for it only
+between episodes, and only where `max_learner_lag` asks (in simulation, so a slow CPU costs time, not samples).
 
 `EpisodeRecorder` turns the node's ticks into episodes (obs T+1, action/reward/flags T); `LearnerLink`
 owns the three topics (robolearn.ros.common: EPISODES, WEIGHTS, ACKS): a sender thread packs and
@@ -19,6 +20,8 @@ from std_msgs.msg import String, UInt8MultiArray
 
 from robolearn import payload
 from robolearn.ros import common
+
+LEARNER_SILENT_S = 30.0  # a learner whose weights stopped this long ago is not waited for (killed, or done)
 
 
 class EpisodeRecorder:
@@ -70,11 +73,12 @@ class LearnerLink:
                                               callback_group=group),
                      node.create_subscription(String, acks_topic, self._on_acks, common.RELIABLE_QOS,
                                               callback_group=group)]
-        self.unacked: OrderedDict[int, list] = OrderedDict()  # index -> [bytes, last sent (monotonic)]
+        self.unacked: OrderedDict[int, list] = OrderedDict()  # index -> [bytes, last sent (monotonic), env steps]
         self._packing: list[tuple[int, dict, dict]] = []  # finished episodes the sender has not packed yet
         self.unacked_bytes = 0
         self.sent = self.acked = self.dropped = self.rejected_weights = 0
         self.version = 0
+        self.behind, self.heard_at = 0, -np.inf  # the last weights' owed env steps, and when they came (monotonic)
         self._lock, self._wake, self._stop = threading.Lock(), threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run, name="actor-sender", daemon=True)
         self._thread.start()
@@ -92,7 +96,7 @@ class LearnerLink:
             data = payload.pack_episode(episode, self.spec, {"actor": self.actor, "run": self.run, "index": index,
                                                              **meta})
             with self._lock:
-                self.unacked[index] = [data, -np.inf]
+                self.unacked[index] = [data, -np.inf, len(episode["action"])]
                 self.unacked_bytes += len(data)
                 while self.unacked_bytes > self.max_bytes and len(self.unacked) > 1:  # bounded memory, loudly
                     old, (dropped, _) = self.unacked.popitem(last=False)
@@ -152,11 +156,21 @@ class LearnerLink:
             self.node.get_logger().error(f"refused {err}", throttle_duration_sec=5.0)
             return
         self.version = int(meta.get("version", 0))
+        self.behind, self.heard_at = int(meta.get("behind", 0)), time.monotonic()
 
     def pending(self) -> int:
         """Episodes not yet acknowledged (packed or not)."""
         with self._lock:
             return len(self.unacked) + len(self._packing)
+
+    def lag(self) -> int | None:
+        """Env steps sent that the learner has not trained on: those it owes updates for, as its last weights said,
+        plus those it has not acknowledged. None when no learner has been heard for LEARNER_SILENT_S."""
+        if time.monotonic() - self.heard_at > LEARNER_SILENT_S:
+            return None
+        with self._lock:
+            return self.behind + sum(item[2] for item in self.unacked.values()) + sum(
+                len(episode["action"]) for _i, episode, _m in self._packing)
 
     def close(self, flush_s: float = 3.0) -> None:
         """Stop the sender; first give the learner `flush_s` s to acknowledge what is pending, and say what is lost."""

@@ -44,6 +44,9 @@ PARAMS = {  # name: (default, description); docs/ros.md lists them
     "resend_s": (5.0, "mode train: republish episodes the learner has not acknowledged after N s"),
     "max_unacked_mb": (1024.0, "mode train: MB of episodes kept for the learner; beyond, the oldest is dropped with "
                                "an error"),
+    "max_learner_lag": (0, "mode train: env steps the actor may run ahead of the learner's updates; beyond, it waits "
+                           "before the next episode with the arm held (0: never waits, SERL's asynchronous actor; set it "
+                           "in simulation, where waiting costs wall time instead of samples)"),
     "teleop_device": ("", "mode train: intervention device (keyboard, gamepad, spacemouse, ros); empty: none"),
     "intervention_button": (-1, "mode train: the operator has control only while this raw button index of "
                                 "teleop_device is held (a dead-man switch; gamepad, spacemouse, ros Joy); -1: whenever "
@@ -233,8 +236,9 @@ class AgentNode(LifecycleNode):
         for name in ("resend_s", "max_unacked_mb"):
             if not p[name] > 0:
                 raise ValueError(f"parameter {name}: {p[name]} must be positive")
-        if p["eval_every"] < 0:
-            raise ValueError(f"parameter eval_every: {p['eval_every']} must be 0 or more")
+        for name in ("eval_every", "max_learner_lag"):
+            if p[name] < 0:
+                raise ValueError(f"parameter {name}: {p[name]} must be 0 or more")
         if p["intervention_button"] < -1 or (p["intervention_button"] >= 0 and not p["teleop_device"]):
             raise ValueError(f"parameter intervention_button: {p['intervention_button']} needs a teleop_device and "
                              "is a button index (0 or more) or -1")
@@ -351,6 +355,8 @@ class AgentNode(LifecycleNode):
                                                             float(self.missed_deadlines), start]))
 
     def _start_episode(self) -> None:
+        if self._learner_ahead():
+            return
         seed = self.p["seed"] + self.episodes
         try:
             _, info = self.env.reset(seed=seed)
@@ -374,6 +380,18 @@ class AgentNode(LifecycleNode):
         if self._control_timers:  # restart the period grid after the blocking reset
             self._control_timers[0].regrid()
         self._last_tick = None  # an episode's first tick follows a reset, not a period: it reports no interval
+
+    def _learner_ahead(self) -> bool:
+        """Mode train with max_learner_lag: hold the arm and wait (the next tick asks again) while the learner owes
+        updates for more env steps than that; a learner silent for LEARNER_SILENT_S is not waited for."""
+        limit = self.p["max_learner_lag"] if self.link is not None else 0
+        lag = self.link.lag() if limit else None
+        if lag is None or lag <= limit:
+            return False
+        with self._lock:
+            self._hold("learner", f"waiting for the learner: {lag} env steps not yet trained on, "
+                                  f"max_learner_lag {limit}")
+        return True
 
     def _step(self, start: float) -> tuple[float, float] | None:
         """Observe, act, command; returns (observation-to-command latency, receipt-to-command) when commanded."""
