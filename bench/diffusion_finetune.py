@@ -13,7 +13,9 @@ Last stdout line, one JSON object: per task (`tasks` -> env id) `demo_success`, 
 `beats_rlpd` (per method: its median steps to 90% below RLPD's, never counting as budget + 1) and `plot`
 (<out>/<Task>/curves.png: evaluation success against env steps per method and seed); then `goal_met`
 (both methods beat RLPD on every task). `--plot-only` redraws the plots of finished runs in --out.
-`--quick`: one seed, 2000 env steps, 3000 BC updates.
+`--quick`: one seed, 2000 env steps, 3000 BC updates. `--resume` continues the runs in --out (each run
+checkpoints at every evaluation), so a bench of many hours can be run in parts, a process per
+task, seed and method if need be; without it every run starts afresh.
 """
 
 from __future__ import annotations
@@ -104,18 +106,31 @@ def to_90(history: dict) -> int | None:
     return next((int(steps) for steps, _ret, success, _s in history["eval"] if success >= 0.9), None)
 
 
-def run(cfg) -> tuple[dict, dict]:
-    """train(cfg) and the run's history.json."""
+def run(cfg, resume: bool = False) -> tuple[dict, dict, float]:
+    """train(cfg) and the run's history.json and minutes. With `resume`, a run that finished (its target, or
+    cfg.frames) is read, not run again, and one with a checkpoint continues from it; its minutes add up its processes' evaluation times
+    (approximately: each process's last kept evaluation row, found where the row's seconds fall back)."""
     import json
+    import shutil
 
     from robolearn.train import train
 
-    out = train(cfg)
-    return out, json.loads((Path(cfg.out) / "history.json").read_text())
+    out = Path(cfg.out)
+    saved = json.loads((out / "result.json").read_text()) if resume and (out / "result.json").exists() else {}
+    done = bool(saved) and (saved["reached_target"] or saved.get("updates", saved["env_steps"]) >= cfg.frames)
+    again = resume and not done and (out / "checkpoints" / "latest.json").exists()  # cut short, or given more frames
+    if not (done or again):
+        shutil.rmtree(out, ignore_errors=True)  # the bench's own previous run
+    result = saved if done else train(cfg, resume=again)
+    history = json.loads((out / "history.json").read_text())
+    seconds = [row[3] for row in history["eval"]]
+    ends = [t for t, after in zip(seconds, seconds[1:] + [0.0]) if after < t]  # a process's last row
+    return result, history, round(sum(ends) / 60 if resume else result["minutes"], 2)
 
 
-def bench_task(env_id: str, seeds: list[int], args, root: Path, tmp: Path) -> dict:
+def bench_task(env_id: str, seeds: list[int], args, root: Path) -> dict:
     """BC, then each method, per seed, for one task: the per-task JSON block."""
+    import json
     import shutil
 
     from robolearn.agents.serl import CPU_OVERRIDES
@@ -126,32 +141,38 @@ def bench_task(env_id: str, seeds: list[int], args, root: Path, tmp: Path) -> di
     for m in args.methods:
         res[f"{m}_env_steps_to_90"], res[f"{m}_final_success"] = [], []
     for seed in seeds:
-        demos = tmp / f"{name}_demos_{seed}"
+        runs = root / name / f"seed{seed}"
+        demos, recorded = runs / "demos", runs / "demos.json"
         noise, fumble = DEMO_SETTINGS[env_id]
         noise = noise if args.noise is None else args.noise
         fumble = fumble if args.fumble is None else args.fumble
-        res["demo_success"].append(record_demos(env_id, ENV_KWARGS, demos, args.demos, seed, noise, fumble))
+        setting = {"episodes": args.demos, "noise": noise, "fumble": fumble}
+        if not (args.resume and recorded.exists() and json.loads(recorded.read_text())["setting"] == setting):
+            shutil.rmtree(runs, ignore_errors=True)  # new demos: every run of this seed starts afresh
+            success = record_demos(env_id, ENV_KWARGS, demos, args.demos, seed, noise, fumble)
+            recorded.write_text(json.dumps({"setting": setting, "success": success}))
+        res["demo_success"].append(json.loads(recorded.read_text())["success"])
         res["demo_noise"], res["demo_fumble"] = noise, fumble
         common = dict(env=env_id, seed=seed, demos=str(demos), eval_episodes=args.eval_episodes, video=False,
-                      save_replay=False, env_kwargs=ENV_KWARGS)
-        runs = root / name / f"seed{seed}"
-        shutil.rmtree(runs, ignore_errors=True)  # the bench's own previous run
-        out, _ = run(TrainConfig(agent="diffusion", out=str(runs / "bc"), frames=args.bc_updates,
-                                 eval_every=args.bc_updates, checkpoint_every=args.bc_updates,
-                                 agent_overrides=BC_OVERRIDES, **common))
+                      env_kwargs=ENV_KWARGS)
+        out, _, minutes = run(TrainConfig(agent="diffusion", out=str(runs / "bc"), frames=args.bc_updates,
+                                          eval_every=args.bc_updates, checkpoint_every=args.bc_updates,
+                                          save_replay=False, agent_overrides=BC_OVERRIDES, **common), args.resume)
         res["bc_success"].append(out["final_success"])
-        res["minutes"]["bc"].append(round(out["minutes"], 2))
+        res["minutes"]["bc"].append(minutes)
         print(f"{name} seed {seed}: demos {res['demo_success'][-1]:.0%}, BC {out['final_success']:.0%}", flush=True)
         for m in args.methods:
             agent, overrides = ("serl", dict(CPU_OVERRIDES)) if m == "rlpd" else (m, {"base": out["checkpoint"]})
-            fine, history = run(TrainConfig(agent=agent, out=str(runs / m), frames=args.frames, target_success=0.9,
-                                            eval_every=args.eval_every, checkpoint_every=args.frames,
-                                            agent_overrides=overrides, **common))
+            # a checkpoint with its replay at every evaluation, so that --resume continues a cut run exactly
+            fine, history, minutes = run(TrainConfig(agent=agent, out=str(runs / m), frames=args.frames,
+                                                     target_success=0.9, eval_every=args.eval_every,
+                                                     checkpoint_every=args.eval_every, save_replay=True,
+                                                     agent_overrides=overrides, **common), args.resume)
             res[f"{m}_env_steps_to_90"].append(to_90(history))
             res[f"{m}_final_success"].append(fine["final_success"])
-            res["minutes"][m].append(round(fine["minutes"], 2))
+            res["minutes"][m].append(minutes)
             print(f"{name} seed {seed} {m}: steps to 90% {to_90(history)}, final {fine['final_success']:.0%}, "
-                  f"{fine['minutes']:.1f} min", flush=True)
+                  f"{minutes:.1f} min", flush=True)
     curves = plot_task(root / name, args.methods, seeds)
     res["plot"] = None if curves is None else str(curves)
     return res
@@ -213,7 +234,6 @@ def beats_rlpd(res: dict, method: str, budget: int) -> bool:
 def main() -> None:
     import argparse
     import json
-    import tempfile
 
     import torch
 
@@ -235,6 +255,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the base's sampling at "
                                                                    "batch sizes of thousands gains little from 2 here)")
     parser.add_argument("--out", default="runs/bench_diffusion_finetune", help="run directories, replaced per run")
+    parser.add_argument("--resume", action="store_true", help="keep what --out holds: finished runs are read, a "
+                        "run cut short continues from its last checkpoint (taken at every evaluation), the rest run")
     parser.add_argument("--plot-only", action="store_true", help="only redraw <out>/<Task>/curves.png from the runs "
                                                                  "already in --out, and print their paths")
     args = parser.parse_args()
@@ -256,12 +278,11 @@ def main() -> None:
     t0 = time.perf_counter()
     result = {"seeds": args.seeds, "frames_budget": args.frames, "bc_updates": args.bc_updates, "demos": args.demos,
               "methods": args.methods, "tasks": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for task in args.tasks:
-            res = bench_task(TASKS[task], args.seeds, args, Path(args.out), Path(tmp))
-            if "rlpd" in args.methods:
-                res["beats_rlpd"] = {m: beats_rlpd(res, m, args.frames) for m in args.methods if m != "rlpd"}
-            result["tasks"][TASKS[task]] = res
+    for task in args.tasks:
+        res = bench_task(TASKS[task], args.seeds, args, Path(args.out))
+        if "rlpd" in args.methods:
+            res["beats_rlpd"] = {m: beats_rlpd(res, m, args.frames) for m in args.methods if m != "rlpd"}
+        result["tasks"][TASKS[task]] = res
     result["goal_met"] = bool(result["tasks"]) and all(
         all(res.get("beats_rlpd", {}).values()) and res.get("beats_rlpd") for res in result["tasks"].values())
     result["minutes_total"] = round((time.perf_counter() - t0) / 60, 1)

@@ -232,6 +232,49 @@ def test_actor_refuses_weights_for_another_agent(world, tmp_path):
         stop(actor)
 
 
+def test_the_actors_lag_counts_what_the_learner_owes_and_what_is_on_its_way():
+    """LearnerLink.lag(), which max_learner_lag compares, on a real node: None before a learner is heard; then the
+    learner's last `behind` (from an ack here) plus the steps of episodes queued, packed or sent and not yet
+    acknowledged; an unacknowledged episode stops counting after resend_s, and a silent learner gives None.
+    Beyond max_unacked_mb the oldest episode is dropped and the sender thread carries on."""
+    from std_msgs.msg import String
+    from test_learner import reach_episodes
+
+    from robolearn.ros.actor import LEARNER_SILENT_S, LearnerLink
+
+    spec, eps = reach_episodes()  # 12 steps each
+    context = Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("lag_probe", context=context)
+    link = LearnerLink(node, "/a", spec, lambda *_: None, "lag/episodes", "lag/weights", "lag/acks", resend_s=1.0,
+                       max_unacked_mb=1e-5)  # 10 bytes: any second episode drops the first
+
+    def ack(indices, behind):
+        link._on_acks(String(data=json.dumps({"actor": "/a", "run": link.run, "episodes": indices, "behind": behind})))
+    try:
+        assert link.lag() is None
+        ack([], 40)
+        assert link.lag() == 40
+        link.send(0, eps[0], {})
+        assert link.lag() == 52  # queued or packed, it counts from the start
+        wait_for(lambda: 0 in link.unacked, 10, "episode 0 packed")
+        assert link.lag() == 52
+        ack([0], 52)  # stored by the learner: now inside its `behind`
+        assert link.lag() == 52 and link.pending() == 0
+        link.send(1, eps[1], {})
+        link.send(2, eps[2], {})
+        wait_for(lambda: link.dropped == 1 and 2 in link.unacked, 10, "episode 1 dropped")
+        assert link._thread.is_alive() and list(link.unacked) == [2] and link.lag() == 52 + 12
+        time.sleep(1.1)  # past resend_s: an episode the learner does not take stops counting
+        assert link.lag() == 52
+        link.heard_at -= LEARNER_SILENT_S
+        assert link.lag() is None
+    finally:
+        link.close(flush_s=0.0)
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+
+
 @pytest.mark.timeout(900)
 def test_sim_train_launch_learns_to_lift_the_cube(tmp_path):
     """`robolearn launch launch/sim_train.launch.xml`: SERL on PandaPickCube from states with 20 scripted demos,

@@ -17,7 +17,11 @@ SMALL = {"hidden_dims": [32, 32], "num_critics": 2, "batch_size": 16, "utd_ratio
 
 @pytest.fixture(scope="module")
 def episodes():
-    """Three real 12-step PandaReach episodes (random actions) as the actor would send them."""
+    return reach_episodes()
+
+
+def reach_episodes():
+    """(spec, episodes): three real 12-step PandaReach episodes (random actions) as the actor would send them."""
     env = make_env(ENV, max_episode_steps=12)
     spec = payload.env_spec(env, "serl")
     rng, out = np.random.default_rng(0), []

@@ -73,13 +73,15 @@ class LearnerLink:
                                               callback_group=group),
                      node.create_subscription(String, acks_topic, self._on_acks, common.RELIABLE_QOS,
                                               callback_group=group)]
-        self.unacked: OrderedDict[int, list] = OrderedDict()  # index -> [bytes, last sent (monotonic), env steps]
+        # index -> [bytes, last sent, env steps, packed at] (monotonic seconds)
+        self.unacked: OrderedDict[int, list] = OrderedDict()
         self._packing: list[tuple[int, dict, dict]] = []  # finished episodes the sender has not packed yet
         self.unacked_bytes = 0
         self.sent = self.acked = self.dropped = self.rejected_weights = 0
         self.version = 0
-        self.behind, self.heard_at = 0, -np.inf  # the last weights' owed env steps, and when they came (monotonic)
-        self._lock, self._wake, self._stop = threading.Lock(), threading.Event(), threading.Event()
+        self.behind, self.heard_at = 0, -np.inf  # the learner's owed env steps (weights or ack), and when it said so
+        self._lock, self._packer, self._wake, self._stop = (threading.Lock(), threading.Lock(), threading.Event(),
+                                                            threading.Event())
         self._thread = threading.Thread(target=self._run, name="actor-sender", daemon=True)
         self._thread.start()
 
@@ -90,21 +92,31 @@ class LearnerLink:
         self._wake.set()
 
     def _pack(self) -> None:
+        """Pack the queued episodes in order; each leaves the queue only once it is in `unacked`, so that
+        pending() and lag() count it throughout."""
+        with self._packer:  # the sender thread, or close() after it
+            while True:
+                with self._lock:
+                    if not self._packing:
+                        return
+                    index, episode, meta = self._packing[0]
+                data = payload.pack_episode(episode, self.spec, {"actor": self.actor, "run": self.run, "index": index,
+                                                                 **meta})
+                self._store(index, episode, data)
+
+    def _store(self, index: int, episode: dict, data: bytes) -> None:
+        """Move the queue's packed head into `unacked`; beyond `max_unacked_mb` the oldest goes, with an error."""
         with self._lock:
-            todo, self._packing = self._packing, []
-        for index, episode, meta in todo:
-            data = payload.pack_episode(episode, self.spec, {"actor": self.actor, "run": self.run, "index": index,
-                                                             **meta})
-            with self._lock:
-                self.unacked[index] = [data, -np.inf, len(episode["action"])]
-                self.unacked_bytes += len(data)
-                while self.unacked_bytes > self.max_bytes and len(self.unacked) > 1:  # bounded memory, loudly
-                    old, (dropped, _) = self.unacked.popitem(last=False)
-                    self.unacked_bytes -= len(dropped)
-                    self.dropped += 1
-                    self.node.get_logger().error(
-                        f"dropped episode {old}: more than {self.max_bytes / 2**20:.0f} MB unacknowledged "
-                        "(is the learner running?)", throttle_duration_sec=5.0)
+            del self._packing[0]
+            self.unacked[index] = [data, -np.inf, len(episode["action"]), time.monotonic()]
+            self.unacked_bytes += len(data)
+            while self.unacked_bytes > self.max_bytes and len(self.unacked) > 1:  # bounded memory, loudly
+                old, (dropped, *_) = self.unacked.popitem(last=False)
+                self.unacked_bytes -= len(dropped)
+                self.dropped += 1
+                self.node.get_logger().error(
+                    f"dropped episode {old}: more than {self.max_bytes / 2**20:.0f} MB unacknowledged "
+                    "(is the learner running?)", throttle_duration_sec=5.0)
 
     def _publish_due(self, every: float, cap: int = 50) -> None:
         """Publish the new episodes and those unacknowledged for `every` s (at most `cap`), while a learner listens."""
@@ -131,6 +143,8 @@ class LearnerLink:
             if ack.get("actor") != self.actor or ack.get("run", self.run) != self.run:
                 return
             indices = [int(i) for i in ack["episodes"]]
+            if "behind" in ack:  # counted after the learner stored these episodes: fresher than its last weights
+                self.behind, self.heard_at = int(ack["behind"]), time.monotonic()
         except (ValueError, KeyError, TypeError, AttributeError):
             self.node.get_logger().error(f"malformed ack on {self.subs[1].topic_name}: {msg.data[:80]!r}",
                                          throttle_duration_sec=5.0)
@@ -164,12 +178,14 @@ class LearnerLink:
             return len(self.unacked) + len(self._packing)
 
     def lag(self) -> int | None:
-        """Env steps sent that the learner has not trained on: those it owes updates for, as its last weights said,
-        plus those it has not acknowledged. None when no learner has been heard for LEARNER_SILENT_S."""
-        if time.monotonic() - self.heard_at > LEARNER_SILENT_S:
+        """Env steps sent that the learner has not trained on: those it owes updates for, as its last weights or ack
+        said, plus those of episodes on their way (packed within `resend_s` and not acknowledged: one the learner
+        refuses stops counting then). None when no learner has been heard for LEARNER_SILENT_S."""
+        now = time.monotonic()
+        if now - self.heard_at > LEARNER_SILENT_S:
             return None
         with self._lock:
-            return self.behind + sum(item[2] for item in self.unacked.values()) + sum(
+            return self.behind + sum(item[2] for item in self.unacked.values() if now - item[3] <= self.resend_s) + sum(
                 len(episode["action"]) for _i, episode, _m in self._packing)
 
     def close(self, flush_s: float = 3.0) -> None:

@@ -72,7 +72,7 @@ PARAMS = {  # name: (default, description); docs/ros.md lists them
 # ~/steps: none may drop, and a subscriber (with this QoS) that is matched only after the first episode began, as
 # DDS discovery can take a second on a busy machine, still gets the last 1000 messages the agent sent.
 STEPS_QOS = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-WARN_HOLDS, ERROR_HOLDS = ("stale", "deadline"), ("estop", "action", "reset", "error")  # other holds: transitions
+WARN_HOLDS, ERROR_HOLDS = ("stale", "deadline", "learner"), ("estop", "action", "reset", "error")  # others: transitions
 
 
 def _same(a, b) -> bool:

@@ -103,8 +103,10 @@ class LearnerNode(Node):
             acks.setdefault((str(meta["actor"]), meta.get("run", 0)), []).append(int(meta["index"]))  # duplicates too
             if new and len(learner.ingested) % 10 == 0:
                 self._report(learner)
+        behind = learner.behind()  # with the episodes just stored: the actors' max_learner_lag counts them here
         for (actor, run), indices in acks.items():
-            self.acks_pub.publish(String(data=json.dumps({"actor": actor, "run": run, "episodes": indices})))
+            self.acks_pub.publish(String(data=json.dumps({"actor": actor, "run": run, "episodes": indices,
+                                                          "behind": behind})))
 
     def _report(self, learner) -> None:
         s = learner.summary()
