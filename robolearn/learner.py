@@ -210,7 +210,8 @@ class Learner:
 
     def behind(self) -> int:
         """Env steps received whose updates are still owed (what an actor's `max_learner_lag` compares)."""
-        return math.ceil(self.owed() * self.params["every"] / self.cfg.update_ratio)
+        owed = self.owed()  # 0 before the first episode builds the agent (and its params)
+        return math.ceil(owed * self.params["every"] / self.cfg.update_ratio) if owed else 0
 
     def update(self) -> dict:
         from robolearn.train import sample_batch

@@ -79,7 +79,7 @@ def test_episode_payload_round_trips_and_names_what_is_wrong(episodes):
 def test_learner_trains_publishes_and_refuses_another_robot(tmp_path, episodes):
     spec, eps = episodes
     learner = make(tmp_path)
-    assert learner.agent is None and learner.owed() == 0
+    assert learner.agent is None and learner.owed() == 0 and learner.behind() == 0
     meta, new = learner.ingest(packed(spec, eps, 0))
     assert new and meta["index"] == 0 and learner.env_steps == 12
     assert learner.ingest(packed(spec, eps, 0)) == (meta, False)  # a resent episode is stored once
