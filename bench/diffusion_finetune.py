@@ -14,8 +14,8 @@ Last stdout line, one JSON object: per task (`tasks` -> env id) `demo_success`, 
 (<out>/<Task>/curves.png: evaluation success against env steps per method and seed); then `goal_met`
 (both methods beat RLPD on every task). `--plot-only` redraws the plots of finished runs in --out.
 `--quick`: one seed, 2000 env steps, 3000 BC updates. `--resume` continues the runs in --out (each run
-checkpoints at every evaluation), so a bench of many hours can be run in parts, a process per
-task, seed and method if need be; without it every run starts afresh.
+checkpoints at every evaluation), so a bench of many hours can be run in parts, a process per task
+and seed at a time (two on one seed would share its demos and BC base); without it every run starts afresh.
 """
 
 from __future__ import annotations
@@ -107,18 +107,28 @@ def to_90(history: dict) -> int | None:
 
 
 def run(cfg, resume: bool = False) -> tuple[dict, dict, float]:
-    """train(cfg) and the run's history.json and minutes. With `resume`, a run that finished (its target, or
-    cfg.frames) is read, not run again, and one with a checkpoint continues from it; its minutes add up its processes' evaluation times
-    (approximately: each process's last kept evaluation row, found where the row's seconds fall back)."""
+    """train(cfg) and the run's history.json and minutes. With `resume`, a run that finished within cfg.frames
+    (its target, or all of them) is read, not run again, and one with an intact checkpoint continues from it,
+    also to more frames; its minutes add up its processes' evaluation times (approximately: each process's
+    last kept evaluation row, found where the row's seconds fall back)."""
     import json
     import shutil
+    import warnings
 
+    from robolearn import checkpoint as ckpt_io
     from robolearn.train import train
 
     out = Path(cfg.out)
     saved = json.loads((out / "result.json").read_text()) if resume and (out / "result.json").exists() else {}
-    done = bool(saved) and (saved["reached_target"] or saved.get("updates", saved["env_steps"]) >= cfg.frames)
-    again = resume and not done and (out / "checkpoints" / "latest.json").exists()  # cut short, or given more frames
+    steps = saved.get("updates", saved.get("env_steps", 0))
+    done = bool(saved) and steps <= cfg.frames and (saved["reached_target"] or steps == cfg.frames)
+    again = resume and not done and steps <= cfg.frames and (out / "checkpoints" / "latest.json").exists()
+    if again:
+        try:
+            ckpt_io.load_newest_good(out)
+        except ckpt_io.CheckpointError as err:
+            warnings.warn(f"{out}: no intact checkpoint ({err}); the run starts afresh")
+            again = False
     if not (done or again):
         shutil.rmtree(out, ignore_errors=True)  # the bench's own previous run
     result = saved if done else train(cfg, resume=again)
@@ -133,6 +143,7 @@ def bench_task(env_id: str, seeds: list[int], args, root: Path) -> dict:
     import json
     import shutil
 
+    from robolearn import checkpoint as ckpt_io
     from robolearn.agents.serl import CPU_OVERRIDES
     from robolearn.train import TrainConfig
 
@@ -146,11 +157,13 @@ def bench_task(env_id: str, seeds: list[int], args, root: Path) -> dict:
         noise, fumble = DEMO_SETTINGS[env_id]
         noise = noise if args.noise is None else args.noise
         fumble = fumble if args.fumble is None else args.fumble
-        setting = {"episodes": args.demos, "noise": noise, "fumble": fumble}
+        # what the seed's runs depend on, but --frames: another value wipes them (--resume extends runs to more frames)
+        setting = {"episodes": args.demos, "noise": noise, "fumble": fumble, "bc_updates": args.bc_updates,
+                   "bc": BC_OVERRIDES, "eval_every": args.eval_every, "eval_episodes": args.eval_episodes}
         if not (args.resume and recorded.exists() and json.loads(recorded.read_text())["setting"] == setting):
             shutil.rmtree(runs, ignore_errors=True)  # new demos: every run of this seed starts afresh
             success = record_demos(env_id, ENV_KWARGS, demos, args.demos, seed, noise, fumble)
-            recorded.write_text(json.dumps({"setting": setting, "success": success}))
+            ckpt_io.write_json(recorded, {"setting": setting, "success": success})
         res["demo_success"].append(json.loads(recorded.read_text())["success"])
         res["demo_noise"], res["demo_fumble"] = noise, fumble
         common = dict(env=env_id, seed=seed, demos=str(demos), eval_episodes=args.eval_episodes, video=False,
@@ -173,7 +186,7 @@ def bench_task(env_id: str, seeds: list[int], args, root: Path) -> dict:
             res["minutes"][m].append(minutes)
             print(f"{name} seed {seed} {m}: steps to 90% {to_90(history)}, final {fine['final_success']:.0%}, "
                   f"{minutes:.1f} min", flush=True)
-    curves = plot_task(root / name, args.methods, seeds)
+    curves = plot_task(root / name, METHODS)  # every run in --out: processes run in parts share the plot
     res["plot"] = None if curves is None else str(curves)
     return res
 
