@@ -21,7 +21,7 @@ from std_msgs.msg import String, UInt8MultiArray
 from robolearn import payload
 from robolearn.ros import common
 
-LEARNER_SILENT_S = 30.0  # a learner whose weights stopped this long ago is not waited for (killed, or done)
+LEARNER_SILENT_S = 30.0  # a learner whose weights and acks stopped this long ago is not waited for (killed, or done)
 
 
 class EpisodeRecorder:

@@ -103,8 +103,8 @@ class LearnerNode(Node):
             acks.setdefault((str(meta["actor"]), meta.get("run", 0)), []).append(int(meta["index"]))  # duplicates too
             if new and len(learner.ingested) % 10 == 0:
                 self._report(learner)
-        behind = learner.behind() if acks else 0  # with the episodes just stored: the actors' max_learner_lag
-        for (actor, run), indices in acks.items():  # counts them from here on
+        behind = learner.behind()  # with the episodes just stored: the actors' max_learner_lag counts them from here on
+        for (actor, run), indices in acks.items():
             self.acks_pub.publish(String(data=json.dumps({"actor": actor, "run": run, "episodes": indices,
                                                           "behind": behind})))
 
