@@ -18,13 +18,26 @@ from robolearn.launch_xml import LaunchError, NodeSpec, find_launch_file, load, 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
 
 
-def isolated_env(base: dict | None = None) -> dict:
-    """A copy of the environment with DDS kept on loopback in a random domain (tests, benchmarks).
-    Here, not in robolearn.ros, so that code without the ROS extra can start processes by the same rule."""
+DOMAIN_IDS_VAR = "ROBOLEARN_DOMAIN_IDS"
+
+
+def random_domain() -> int:
+    """A random ROS domain ID for a test's or benchmark's processes: from 20-200, or from the range
+    "LO-HI" in $ROBOLEARN_DOMAIN_IDS (tests/conftest.py gives each parallel pytest worker its own range,
+    so that two workers' graphs never meet). A malformed value is an error naming the variable."""
     import random
+    text = os.environ.get(DOMAIN_IDS_VAR, "20-200")
+    lo, _, hi = text.partition("-")
+    if not (lo.isdigit() and hi.isdigit() and 0 <= int(lo) <= int(hi) <= 232):
+        raise ValueError(f"{DOMAIN_IDS_VAR} must be a range LO-HI of ROS domain IDs within 0-232, got {text!r}")
+    return random.randint(int(lo), int(hi))
+
+
+def isolated_env(base: dict | None = None) -> dict:
+    """A copy of the environment with DDS kept on loopback in a random domain (tests, benchmarks;
+    random_domain). Here, not in robolearn.ros, so that code without the ROS extra can start processes by the same rule."""
     env = dict(os.environ if base is None else base)
-    env.update(ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_LOCALHOST_ONLY="1",
-               ROS_DOMAIN_ID=str(random.randint(20, 200)))
+    env.update(ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_LOCALHOST_ONLY="1", ROS_DOMAIN_ID=str(random_domain()))
     return env
 
 

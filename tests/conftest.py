@@ -6,7 +6,16 @@ import random
 os.environ.setdefault("MUJOCO_GL", "osmesa" if not os.path.exists("/dev/nvidia0") else "egl")
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ["ROS_LOCALHOST_ONLY"] = "1"
-os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(20, 220)))
+# Parallel workers (pytest -n, as `make test` runs): each its own share of domain IDs 20-219, for the
+# graphs the worker's tests open in-process and for every process they start (robolearn.launcher.random_domain),
+# so that two workers' nodes never meet. One worker alone keeps the domain it was given, if any.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _worker, _workers = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw")), int(
+        os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _share = 200 // max(_workers, 1)
+    os.environ["ROBOLEARN_DOMAIN_IDS"] = f"{20 + _worker * _share}-{20 + (_worker + 1) * _share - 1}"
+    os.environ["ROS_DOMAIN_ID"] = str(random.randint(20 + _worker * _share, 20 + (_worker + 1) * _share - 1))
+os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(20, 219)))
 
 
 import sys  # noqa: E402
@@ -49,3 +58,15 @@ def tmux():
     t = Tmux()
     yield t
     t.kill()
+
+
+# The longest modules first (their learning runs take minutes), so that `make test`'s parallel workers
+# (pytest -n 2 --dist loadfile --no-loadscope-reorder) start them early and end together; the rest keep
+# their order. Without workers the order changes nothing a test depends on: each module stands alone.
+LONGEST_FIRST = ("test_learning.py", "test_actor_learner.py", "test_deploy_diffusion.py", "test_deploy.py",
+                 "test_train.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

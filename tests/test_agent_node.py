@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import re
 import shutil
 import signal
@@ -35,6 +34,7 @@ from sensor_msgs.msg import JointState  # noqa: E402
 from std_msgs.msg import Bool, Float64, Float64MultiArray  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
+from robolearn.launcher import random_domain  # noqa: E402
 from robolearn.ros import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ros():
-    domain = random.randint(20, 200)
+    domain = random_domain()
     context = Context()
     rclpy.init(context=context, domain_id=domain)
     executor = common.executor(threads=4, context=context)

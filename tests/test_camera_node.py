@@ -3,7 +3,6 @@ recording), and RosCamera fitting Image and CompressedImage frames to the policy
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from rclpy.context import Context  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image  # noqa: E402
 
 from robolearn.hardware.cameras import fit_frame, fit_intrinsics, make_camera  # noqa: E402
+from robolearn.launcher import random_domain  # noqa: E402
 from robolearn.ros import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ class Listener:
     """An in-process node on its own context, keeping every message per topic."""
 
     def __init__(self):
-        self.domain = random.randint(20, 200)
+        self.domain = random_domain()
         self.ctx = Context()
         rclpy.init(context=self.ctx, domain_id=self.domain)
         self.node = rclpy.create_node("camera_test", context=self.ctx)

@@ -55,6 +55,7 @@ def test_busy_cores_is_a_share_of_the_machine():
     assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
 
 
+@pytest.mark.serial
 def test_thread_governor_gives_torch_the_cores_others_leave_free():
     """Two samples half a second apart: with every core taken by another process torch gets one thread,
     and the count comes back up when they stop (a spinning OpenMP worker on a taken core stalls)."""

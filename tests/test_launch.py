@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from robolearn.launcher import random_domain
 from robolearn.launch_xml import EXECUTABLES, SOURCE_ROOT, LaunchError, load, package_executable, package_share
 
 ROBOLEARN = [sys.executable, "-m", "robolearn.cli"]
@@ -69,7 +69,7 @@ def prefix(tmp_path):
 @pytest.fixture
 def env(prefix):
     return dict(os.environ, AMENT_PREFIX_PATH=str(prefix), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-                ROS_LOCALHOST_ONLY="1", ROS_DOMAIN_ID=str(random.randint(20, 200)))
+                ROS_LOCALHOST_ONLY="1", ROS_DOMAIN_ID=str(random_domain()))
 
 
 def launch_cli(*args, env, timeout=120):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 import re
 import threading
 import time
@@ -31,6 +30,7 @@ from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
 from robolearn.hardware.profiles import load_profile, parse_profile  # noqa: E402
 from robolearn.robot.interfaces import StaleStateError, ToolTarget  # noqa: E402
+from robolearn.launcher import random_domain  # noqa: E402
 from robolearn.ros import common  # noqa: E402
 from robolearn.ros.arm_profile import FRANKA_MSGS_MISSING, open_arm  # noqa: E402
 from robolearn.ros.joint_arm import RosJointArm  # noqa: E402
@@ -60,7 +60,7 @@ def variant(name: str, **changes):
 
 @pytest.fixture(scope="module")
 def ros():
-    context, domain = Context(), random.randint(20, 200)
+    context, domain = Context(), random_domain()
     rclpy.init(context=context, domain_id=domain)
     executor = common.executor(threads=4, context=context)
     stop = threading.Event()
