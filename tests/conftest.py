@@ -60,13 +60,32 @@ def tmux():
     t.kill()
 
 
-# The longest modules first (their learning runs take minutes), so that `make test`'s parallel workers
-# (pytest -n 2 --dist loadfile --no-loadscope-reorder) start them early and end together; the rest keep
-# their order. Without workers the order changes nothing a test depends on: each module stands alone.
-LONGEST_FIRST = ("test_learning.py", "test_actor_learner.py", "test_deploy_diffusion.py", "test_deploy.py",
-                 "test_train.py")
+# `make test` runs two parallel workers (pytest -n 2 --dist loadfile --no-loadscope-reorder): a test file at a time
+# per worker, in collection order. The tests that learn for minutes go first, one after the other on one worker,
+# while the other worker runs the rest: side by side, their learners, simulators and DrQ-v2's process would need
+# about 4 cores of 2, and the launch test's nodes, which run in real time, then burn CPU for as long as its learner
+# is starved (845 s for that test against 350 s alone). Without workers the order changes nothing a test depends on.
+LEARNING = ("test_learning.py", "test_actor_learner.py::test_sim_train_launch_learns_to_lift_the_cube")
+LONGEST_NEXT = ("test_deploy_diffusion.py", "test_train.py", "test_actor_learner.py", "test_deploy.py",
+                "test_pretrain.py")
+
+
+def _learning(nodeid: str) -> bool:
+    return nodeid.rsplit("/", 1)[-1].startswith(LEARNING)
 
 
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    rank = {name: i for i, name in enumerate(LONGEST_NEXT)}
+    items.sort(key=lambda item: -1 if _learning(item.nodeid) else rank.get(item.path.name, len(rank)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, but the LEARNING tests are one unit of work (one worker, in order)."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "learning" if _learning(nodeid) else nodeid.split("::", 1)[0]
+
+    return Scheduling(config, log) if config.getoption("dist") == "loadfile" else None
