@@ -6,16 +6,19 @@ import random
 os.environ.setdefault("MUJOCO_GL", "osmesa" if not os.path.exists("/dev/nvidia0") else "egl")
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ["ROS_LOCALHOST_ONLY"] = "1"
-# Parallel workers (pytest -n, as `make test` runs): each its own share of domain IDs 20-219, for the
-# graphs the worker's tests open in-process and for every process they start (robolearn.launcher.random_domain),
-# so that two workers' nodes never meet. One worker alone keeps the domain it was given, if any.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    _worker, _workers = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw")), int(
-        os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    _share = 200 // max(_workers, 1)
-    os.environ["ROBOLEARN_DOMAIN_IDS"] = f"{20 + _worker * _share}-{20 + (_worker + 1) * _share - 1}"
-    os.environ["ROS_DOMAIN_ID"] = str(random.randint(20 + _worker * _share, 20 + (_worker + 1) * _share - 1))
-os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(20, 219)))
+# Parallel workers (pytest -n, as `make test` runs, with --max-worker-restart 0): each its own share of the domain IDs
+# 20-101 (above 101 a domain's DDS ports fall in Linux's ephemeral range), for the graphs the worker's tests open
+# in-process and for every process they start (robolearn.launcher.random_domain), so that two workers' nodes never
+# meet. Without workers, or with a worker id not of the form gwN, the domain is as before.
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "").removeprefix("gw")
+if _worker.isdigit():
+    _workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), int(_worker) + 1)
+    _share = max((101 - 20 + 1) // _workers, 1)
+    _lo = min(20 + int(_worker) * _share, 101)
+    _hi = min(_lo + _share - 1, 101)
+    os.environ["ROBOLEARN_DOMAIN_IDS"] = f"{_lo}-{_hi}"
+    os.environ["ROS_DOMAIN_ID"] = str(random.randint(_lo, _hi))
+os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(20, 101)))
 
 
 import sys  # noqa: E402
@@ -71,7 +74,10 @@ LONGEST_NEXT = ("test_deploy_diffusion.py", "test_train.py", "test_actor_learner
 
 
 def _learning(nodeid: str) -> bool:
-    return nodeid.rsplit("/", 1)[-1].startswith(LEARNING)
+    """Whether a test id ("tests/test_x.py::test_y[params]") is one of LEARNING's (a whole file, or a file::test)."""
+    path, _, test = nodeid.partition("::")
+    name = path.rsplit("/", 1)[-1]
+    return name in LEARNING or f"{name}::{test.split('[', 1)[0]}" in LEARNING
 
 
 def pytest_collection_modifyitems(config, items):

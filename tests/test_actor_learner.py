@@ -278,7 +278,7 @@ def test_the_actors_lag_counts_what_the_learner_owes_and_what_is_on_its_way():
 @pytest.mark.timeout(900)
 def test_sim_train_launch_learns_to_lift_the_cube(tmp_path):
     """`robolearn launch launch/sim_train.launch.xml`: SERL on PandaPickCube from states with 20 scripted demos,
-    three processes over DDS, the simulator at 4x real time (40 actions per second). The first episodes never lift
+    three processes over DDS, the simulator at 2x real time (20 actions per second). The first episodes never lift
     the cube; the run ends when 2 of the last 10 evaluation episodes do (target_success 0.2), which must come within
     8000 env steps.
 
@@ -292,7 +292,12 @@ def test_sim_train_launch_learns_to_lift_the_cube(tmp_path):
     slower, 8000 env steps got about half of theirs and the run failed (1 of 10 at 8098). So the actor waits for
     the learner between episodes (max_learner_lag 200, docs/actor_learner.md), every env step gets its update, and
     a slower machine makes the test longer instead of failing it. The run still ends at the target, not at a fixed
-    number of steps."""
+    number of steps.
+
+    On that slower CPU the learner manages about 12 env steps' updates per second, so at 40 actions per second the
+    actor held the arm most of the time while the simulator (stepping at 4x real time and publishing the state at
+    200 Hz) and the actor took 0.75 of a core between them, more than the learner. At 20 per second they take half that,
+    and the test, bound by its learner, is no longer."""
     from robolearn.demos.dataset import DatasetWriter
     from robolearn.rollout import make_env, run_episodes, scripted_policy
 
@@ -303,7 +308,7 @@ def test_sim_train_launch_learns_to_lift_the_cube(tmp_path):
     env.close()
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "robolearn.cli", "launch", "launch/sim_train.launch.xml", f"demos:={tmp_path / 'demos'}",
-           f"out:={out}", "frames:=8000", "target_success:=0.2", "rate:=40.0", "real_time_factor:=4.0",
+           f"out:={out}", "frames:=8000", "target_success:=0.2", "rate:=20.0", "real_time_factor:=2.0",
            "eval_every:=2", "max_learner_lag:=200",
            "agent_set:=['num_critics=2', 'utd_ratio=4', 'nstep=3', 'critic_dropout=0.01']"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**common.isolated_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,

@@ -69,7 +69,7 @@ def test_serl_from_states_lifts_the_cube_within_a_few_thousand_steps(tmp_path, o
     with DatasetWriter(demos, PICK, env.observation_space, env.action_space, fps=10) as writer:
         assert run_episodes(env, scripted_policy(env), 20, seed=10_000, recorder=writer).success_rate >= 0.8
     env.close()
-    cfg = TrainConfig(agent="serl", env=PICK, out=str(tmp_path / "run"), frames=4_000, seed=0, demos=str(demos),
+    cfg = TrainConfig(agent="serl", env=PICK, out=str(tmp_path / "run"), frames=4_000, seed=2, demos=str(demos),
                       eval_every=500, eval_episodes=10, target_success=0.2, checkpoint_every=100_000,
                       save_replay=False, video=False, env_kwargs=ENV_KWARGS, agent_overrides=dict(DROQ_UTD4))
     result = train(cfg)
@@ -78,7 +78,8 @@ def test_serl_from_states_lifts_the_cube_within_a_few_thousand_steps(tmp_path, o
     # The greedy policy lifts the cube and still holds it up at the last step in at least 2 of the 10 fixed
     # evaluation episodes, at an in-loop evaluation that stopped the run within its 4k frames. Measured on the
     # AMD EPYC VMs of 2026-12 (the evaluations depend on the CPU's float rounding), every 500 env steps:
-    # seed 0 0, 0, 0, 20% (2000 steps, 4 minutes); seed 1 0, 0, 10, 0, 70% (2500, 4.3 minutes); seed 2 0, 0, 20% (1500, 2.5 minutes).
+    # seed 0 0, 0, 0, 20% (2000 steps, 4 minutes); seed 1 0, 0, 10, 0, 70% (2500, 4.3 minutes); seed 2 0, 0, 20% (1500, 2.5
+    # minutes). The test runs seed 2, the cheapest; the 4000-step cap leaves room for the others' 2000-2500 on another CPU.
     # At UTD 8 without dropout the same run took 11 minutes: seed 0 reached 20% at 4000 env steps.
     assert max(successes) >= 0.2, history["eval"]
     assert result["reached_target"] and result["env_steps"] <= 4_000, (result, history["eval"])

@@ -103,6 +103,8 @@ def test_rtde_pose_is_axis_angle_and_reads_as_a_quaternion(arm_at):
         arm.read()
 
 
+# A 125 Hz thread timed by sleeps: a test that met a stalled core on the shared 2-core machine gets two more tries.
+@pytest.mark.flaky(reruns=2, reruns_delay=1)
 def test_servol_at_the_robot_rate_interpolates_between_10hz_targets(arm_at):
     arm, fake = arm_at(robot_hz=125.0)
     assert fake.named("servoL") == []  # nothing is sent before the first command
