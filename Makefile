@@ -43,15 +43,15 @@ demo: setup
 	@echo "learning curve:  runs/demo/serl/learning_curve.png"
 	@echo "eval video:      runs/demo/serl/eval.mp4"
 
-# The suite in TEST_WORKERS parallel pytest workers, a test file per worker at a time, the longest files first
-# (tests/conftest.py; each worker its own ROS domains), then the few `serial` tests that measure the machine's load.
+# The suite in TEST_WORKERS parallel pytest workers, a test file per worker at a time, the learning tests first on one
+# worker (tests/conftest.py; each worker its own ROS domains), then the few `serial` tests that measure the machine's
+# load. tests/conftest.py draws the ROS domain (robolearn.launcher.random_domain).
 # PYTEST_ARGS: more pytest options for the parallel part (not the serial one), e.g. PYTEST_ARGS="--junitxml=runs/tests.xml" (per-test times).
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 test: setup
 	$(VENV)/bin/ruff check .
-	@export ROS_DOMAIN_ID=$$(( RANDOM % 82 + 20 )); \
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --max-worker-restart 0 --dist loadfile --no-loadscope-reorder -m "not serial" \
+	@$(PY) -m pytest -q -n $(TEST_WORKERS) --max-worker-restart 0 --dist loadfile --no-loadscope-reorder -m "not serial" \
 		--durations=15 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no tests; that is a failure" >&2; exit 5; fi; \
 	if [ $$rc -gt 1 ]; then exit $$rc; fi; \

@@ -19,14 +19,15 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
 
 
 DOMAIN_IDS_VAR = "ROBOLEARN_DOMAIN_IDS"
+DOMAIN_IDS = range(20, 102)  # above 101 a domain's DDS ports fall in Linux's ephemeral port range
 
 
 def random_domain() -> int:
-    """A random ROS domain ID for a test's or benchmark's processes: from 20-101 (above 101 a domain's DDS
-    ports fall in Linux's ephemeral port range), or from the range "LO-HI" in $ROBOLEARN_DOMAIN_IDS (tests/conftest.py gives each parallel pytest worker its own range,
-    so that two workers' graphs never meet). A malformed value is an error naming the variable."""
+    """A random ROS domain ID for a test's or benchmark's processes: from DOMAIN_IDS (20-101), or from the range
+    "LO-HI" in $ROBOLEARN_DOMAIN_IDS (tests/conftest.py gives each parallel pytest worker its own range, so that two
+    workers' graphs never meet). A malformed value is an error naming the variable."""
     import random
-    text = os.environ.get(DOMAIN_IDS_VAR, "20-101")
+    text = os.environ.get(DOMAIN_IDS_VAR, f"{DOMAIN_IDS[0]}-{DOMAIN_IDS[-1]}")
     lo, _, hi = text.partition("-")
     if not (lo.isdigit() and hi.isdigit() and 0 <= int(lo) <= int(hi) <= 232):
         raise ValueError(f"{DOMAIN_IDS_VAR} must be a range LO-HI of ROS domain IDs within 0-232, got {text!r}")

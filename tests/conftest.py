@@ -1,24 +1,23 @@
 """Test-wide settings: headless rendering and DDS kept on loopback in a random domain."""
 
 import os
-import random
 
 os.environ.setdefault("MUJOCO_GL", "osmesa" if not os.path.exists("/dev/nvidia0") else "egl")
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ["ROS_LOCALHOST_ONLY"] = "1"
 # Parallel workers (pytest -n, as `make test` runs, with --max-worker-restart 0): each its own share of the domain IDs
-# 20-101 (above 101 a domain's DDS ports fall in Linux's ephemeral range), for the graphs the worker's tests open
-# in-process and for every process they start (robolearn.launcher.random_domain), so that two workers' nodes never
-# meet. Without workers, or with a worker id not of the form gwN, the domain is as before.
+# 20-101 that robolearn.launcher.random_domain draws from, for the graphs the worker's tests open in-process and for
+# every process they start, so that two workers' nodes never meet. Without workers the whole range.
+from robolearn.launcher import DOMAIN_IDS, DOMAIN_IDS_VAR, random_domain  # noqa: E402
+
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "").removeprefix("gw")
 if _worker.isdigit():
     _workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), int(_worker) + 1)
-    _share = max((101 - 20 + 1) // _workers, 1)
-    _lo = min(20 + int(_worker) * _share, 101)
-    _hi = min(_lo + _share - 1, 101)
-    os.environ["ROBOLEARN_DOMAIN_IDS"] = f"{_lo}-{_hi}"
-    os.environ["ROS_DOMAIN_ID"] = str(random.randint(_lo, _hi))
-os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(20, 101)))
+    _share = max(len(DOMAIN_IDS) // _workers, 1)
+    _mine = DOMAIN_IDS[int(_worker) * _share:][:_share] or DOMAIN_IDS[-1:]
+    os.environ[DOMAIN_IDS_VAR] = f"{_mine[0]}-{_mine[-1]}"
+    os.environ["ROS_DOMAIN_ID"] = str(random_domain())
+os.environ.setdefault("ROS_DOMAIN_ID", str(random_domain()))
 
 
 import sys  # noqa: E402
