@@ -280,7 +280,8 @@ def test_sim_train_launch_learns_to_lift_the_cube(tmp_path):
     """`robolearn launch launch/sim_train.launch.xml`: SERL on PandaPickCube from states with 20 scripted demos,
     three processes over DDS, the simulator at 2x real time (20 actions per second). The first episodes never lift
     the cube; the run ends when 2 of the last 10 evaluation episodes do (target_success 0.2), which must come within
-    8000 env steps.
+    8000 env steps. This is also the suite's check that SERL learns from states with demos
+    (tests/test_learning.py says why it has no in-process copy).
 
     The learner runs DroQ at UTD 4 (bench/agent_variants.py's droq_utd4: SERL's CPU setting with critic dropout
     0.01 and half the critic steps; 90% at 4000 env steps on 4 of 5 seeds, 7000 on the fifth, as UTD 8), so one

@@ -12,48 +12,61 @@ import torch
 from robolearn import checkpoint
 from robolearn.checkpoint import CheckpointError, load_checkpoint, resolve
 
-# Saves step 5 (zeros), then saves step 5 again (ones), SIGKILLing itself just before the
-# kill_at-th file-system change (rename, replace, tree removal) of the second save.
+# For kill_at = 1, 2, ... until a re-save completes, a child forked from one Python that imported torch once (a new
+# interpreter per kill would pay the import each time): it saves step 5 (zeros) under ROOT/kill<kill_at>, then saves step
+# 5 again (ones), SIGKILLing itself just before the kill_at-th file-system change (rename, replace, tree removal) of the
+# second save. One line per child: kill_at and its exit status (-9 when killed).
 RESAVE = r"""
 import os, shutil, signal, sys
 import torch
 from robolearn import checkpoint
 
-root, kill_at = sys.argv[1], int(sys.argv[2])
-checkpoint.save_checkpoint(root, 5, {"w": torch.zeros(3)}, {"agent": "test"}, {"step": 5})
-calls = 0
+def resave(root, kill_at):
+    checkpoint.save_checkpoint(root, 5, {"w": torch.zeros(3)}, {"agent": "test"}, {"step": 5})
+    calls = 0
 
-def deadly(fn):
-    def wrapped(*args, **kwargs):
-        global calls
-        calls += 1
-        if calls == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return fn(*args, **kwargs)
-    return wrapped
+    def deadly(fn):
+        def wrapped(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*args, **kwargs)
+        return wrapped
 
-os.replace, os.rename, shutil.rmtree = deadly(os.replace), deadly(os.rename), deadly(shutil.rmtree)
-checkpoint.save_checkpoint(root, 5, {"w": torch.ones(3)}, {"agent": "test"}, {"step": 5})
+    os.replace, os.rename, shutil.rmtree = deadly(os.replace), deadly(os.rename), deadly(shutil.rmtree)
+    checkpoint.save_checkpoint(root, 5, {"w": torch.ones(3)}, {"agent": "test"}, {"step": 5})
+
+for kill_at in range(1, int(sys.argv[2]) + 1):
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            resave(os.path.join(sys.argv[1], f"kill{kill_at}"), kill_at)
+            code = 0
+        finally:
+            sys.stderr.flush()  # an exception's traceback, then exit status 1
+            os._exit(code)
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    print(kill_at, status, flush=True)
+    if status != -9:
+        break
 """
 
 
 def test_a_kill_at_any_point_of_a_resave_leaves_latest_loadable(tmp_path):
-    killed = 0
-    for kill_at in range(1, 40):
-        root = tmp_path / f"kill{kill_at}"
-        proc = subprocess.run([sys.executable, "-c", RESAVE, str(root), str(kill_at)], capture_output=True,
-                              text=True, timeout=120, check=False)
-        assert proc.returncode in (0, -9), proc.stderr[-2000:]
-        _, weights, _, state = load_checkpoint(root)  # latest.json resolves to a complete checkpoint
+    proc = subprocess.run([sys.executable, "-c", RESAVE, str(tmp_path), "39"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    children = [tuple(map(int, line.split())) for line in proc.stdout.splitlines()]
+    assert children and children[-1][1] == 0, (children, proc.stderr[-2000:])  # the re-save completed
+    for kill_at, status in children:
+        assert status in (0, -9), (kill_at, status)
+        _, weights, _, state = load_checkpoint(tmp_path / f"kill{kill_at}")  # latest.json: a complete checkpoint
         assert state["step"] == 5
         assert torch.equal(weights["w"], torch.zeros(3)) or torch.equal(weights["w"], torch.ones(3))
-        if proc.returncode == 0:
-            assert torch.equal(weights["w"], torch.ones(3))
-            break
-        killed += 1
-    else:
-        pytest.fail("the re-save never completed")
-    assert killed >= 3  # the kill landed inside the save several times
+    assert torch.equal(weights["w"], torch.ones(3))  # the completed one holds the re-save
+    assert len(children) - 1 >= 3  # the kill landed inside the save several times
 
 
 def _save(root, step, value=0.0):

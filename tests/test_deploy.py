@@ -123,7 +123,7 @@ def _direct_rollouts(checkpoint: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, one_thread):  # one_thread: the fit's small batches on a shared machine
     return _fit_expert_checkpoint(tmp_path_factory.mktemp("reach_expert"))
 
 

@@ -2,8 +2,9 @@
 launch/deploy.launch.xml in simulation: agent_node resets the agent at each episode and acts chunk by
 chunk, and the success rate matches the same checkpoint in the direct env.
 
-The policy is trained by behaviour cloning on 20 scripted PandaReach demos through `Trainer` (about
-40 s of CPU), as `robolearn train --agent diffusion` trains one.
+The policy is the one tests/test_learning.py's BC test checks (fixture `reach_bc` in tests/conftest.py:
+behaviour cloning on 20 scripted PandaReach demos through `Trainer`, as `robolearn train --agent diffusion`
+trains one), trained once for both; here its episodes are capped at 30 steps.
 """
 
 from __future__ import annotations
@@ -29,35 +30,12 @@ ENV_KWARGS = {"terminate_on_success": True, "max_episode_steps": 30}
 EPISODES, SEED = 10, 100
 
 
-@pytest.fixture(scope="module")
-def bc_checkpoint(tmp_path_factory) -> str:
-    import robolearn.sim as rsim
-    from robolearn.demos.dataset import DatasetWriter
-    from robolearn.rollout import run_episodes, scripted_policy
-    from robolearn.train import TrainConfig, Trainer
-
-    root, threads = tmp_path_factory.mktemp("bc"), torch.get_num_threads()
-    torch.set_num_threads(1)
-    env = rsim.make(REACH, **ENV_KWARGS)
-    with DatasetWriter(root / "demos", REACH, env.observation_space, env.action_space, fps=10) as writer:
-        run_episodes(env, scripted_policy(env), 20, seed=10_000, recorder=writer)
-    env.close()
-    cfg = TrainConfig(agent="diffusion", env=REACH, out=str(root / "run"), frames=3_000, demos=str(root / "demos"),
-                      eval_every=100_000, eval_episodes=1, checkpoint_every=100_000, video=False,
-                      env_kwargs=dict(ENV_KWARGS), agent_overrides={"batch_size": 128, "lr": 1e-3})
-    trainer = Trainer(cfg)
-    try:
-        return trainer.run()["checkpoint"]
-    finally:
-        trainer.close()
-        torch.set_num_threads(threads)
-
-
-def test_a_diffusion_checkpoint_acts_through_the_launch_file_as_in_the_direct_env(bc_checkpoint):
+def test_a_diffusion_checkpoint_acts_through_the_launch_file_as_in_the_direct_env(reach_bc):
     import robolearn.sim as rsim
     from robolearn.rollout import AgentPolicy, run_episodes
     from robolearn.train import load_agent
 
+    bc_checkpoint = reach_bc.result["checkpoint"]
     env = rsim.make(REACH, **ENV_KWARGS)
     agent, config = load_agent(bc_checkpoint, env)
     assert config["agent"] == "diffusion" and agent.action_horizon > 1 and agent.obs_horizon > 1

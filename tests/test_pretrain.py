@@ -17,6 +17,8 @@ from robolearn.agents.pretrain import PretrainConfig, collect, labels_of, pretra
 from robolearn.replay import MappedReplay
 from robolearn.rollout import run_episodes, scripted_policy
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: small networks, a shared machine
+
 ENV = "robolearn/PandaPickCubePixels-v0"
 ENV_KW = {"image_size": 32, "terminate_on_success": False, "max_episode_steps": 40}
 TINY = dict(expert_episodes=2, noisy_episodes=1, random_episodes=1, epochs=2, batch_size=32, holdout=0.25)
@@ -190,14 +192,14 @@ def test_the_pretrain_encoder_command_writes_the_file_and_refuses_bad_options(tm
     import subprocess
     import sys
 
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "robolearn.cli", "pretrain-encoder", "--env", ENV,
-                               "--env-set", "image_size=32", "--env-set", "max_episode_steps=20", "--threads", "1",
-                               *args], capture_output=True, text=True, timeout=300)
+    from inprocess import robolearn
 
+    common = ["pretrain-encoder", "--env", ENV, "--env-set", "image_size=32", "--env-set", "max_episode_steps=20",
+              "--threads", "1"]
     out = tmp_path / "enc.safetensors"
-    ok = cli("--out", str(out), "--set", "expert_episodes=1", "--set", "noisy_episodes=1", "--set", "random_episodes=1",
-             "--set", "epochs=1", "--set", "holdout=0.34")
+    ok = subprocess.run([sys.executable, "-m", "robolearn.cli", *common, "--out", str(out), "--set", "expert_episodes=1",
+                         "--set", "noisy_episodes=1", "--set", "random_episodes=1", "--set", "epochs=1",
+                         "--set", "holdout=0.34"], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     metrics = json.loads([line for line in ok.stdout.splitlines() if line.startswith("{")][-1])
     assert metrics["frames"] == 3 * 21 and metrics["cameras"] == ["front", "wrist"]
@@ -205,7 +207,7 @@ def test_the_pretrain_encoder_command_writes_the_file_and_refuses_bad_options(tm
     for args, message in ((("--set", "epoch=3"), "--set epoch: not a pretraining option"),
                           (("--set", "seed=3"), "--set seed: not a pretraining option (the seed is --seed)"),
                           (("--set", "epochs=0"), "epochs must be a positive integer")):
-        bad = cli("--out", str(tmp_path / "bad.safetensors"), *args)
+        bad = robolearn(*common, "--out", str(tmp_path / "bad.safetensors"), *args, check=False)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]
         assert len(bad.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "bad.safetensors").exists()

@@ -1,4 +1,6 @@
-"""The training loop end to end through the CLI: resume after kill -9, mismatches, divergence."""
+"""The training loop end to end through the CLI: resume after kill -9, mismatches, divergence.
+
+The commands run in this process (tests/inprocess.py) except where a run is killed or patched."""
 
 from __future__ import annotations
 
@@ -13,17 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from inprocess import robolearn  # `robolearn ARGS` in this process
 
 TINY = ["--set", "batch_size=16", "--set", "utd_ratio=2", "--set", "hidden_dims=[32,32]", "--set", "num_critics=4",
         "--threads", "1", "--no-video", "--eval-episodes", "2"]
-
-
-def robolearn(*args, check=True, timeout=300):
-    proc = subprocess.run([sys.executable, "-m", "robolearn.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
 
 
 def latest_step(run: Path) -> int:
