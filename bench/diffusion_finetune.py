@@ -14,7 +14,10 @@ Last stdout line, one JSON object: per task (`tasks` -> env id) `demo_success`, 
 method: its median steps to 90% below RLPD's, never counting as budget + 1) and `plot` (<out>/<Task>/curves.png:
 evaluation success against env steps per method and seed); then `goal_met` (on at least GOAL_SEEDS seeds, both
 methods reach 90% on every seed and beat RLPD, on every task). `--plot-only` redraws the plots of finished runs.
-`--quick`: one seed, 2000 env steps, 3000 BC updates. `--resume` continues the runs in --out (each run
+`--pixels`: the image-based variant, meant for a GPU: the tasks' Pixels envs (front and wrist cameras,
+--image-size, default 128 as the env, plus proprioception), the diffusion policy's conv encoders,
+DSRL and EXPO on its features, and SERL's end-to-end conv encoder for RLPD; runs and plots under
+<out>/<Task>Pixels. `--quick`: one seed, 2000 env steps, 3000 BC updates. `--resume` continues the runs in --out (each run
 checkpoints at every evaluation), so a bench of many hours can be run in parts, a process per task
 and seed at a time (two on one seed would share its demos and BC base); without it every run starts afresh.
 """
@@ -101,6 +104,11 @@ BC_OVERRIDES = {"lr": 1e-3, "warmup_steps": 100, "pred_horizon": 8, "action_hori
 # -- the bench ----------------------------------------------------------------------------------
 
 TASKS = {"pick": "robolearn/PandaPickCube-v0", "peg": "robolearn/PandaPegInsert-v0"}
+
+
+def task_env(task: str, pixels: bool) -> str:
+    """The env id of a --tasks name: its state env, or with `pixels` the same task's cameras env."""
+    return TASKS[task].replace("-v0", "Pixels-v0") if pixels else TASKS[task]
 METHODS = ("dsrl", "expo", "rlpd")
 
 
@@ -141,8 +149,8 @@ def run(cfg, resume: bool = False) -> tuple[dict, dict, float]:
     return result, history, round(sum(ends) / 60 if resume else result["minutes"], 2)
 
 
-def bench_task(env_id: str, seeds: list[int], args, root: Path) -> dict:
-    """BC, then each method, per seed, for one task: the per-task JSON block."""
+def bench_task(task: str, seeds: list[int], args, root: Path) -> dict:
+    """BC, then each method, per seed, for one --tasks name: the per-task JSON block."""
     import json
     import shutil
 
@@ -150,6 +158,8 @@ def bench_task(env_id: str, seeds: list[int], args, root: Path) -> dict:
     from robolearn.agents.serl import CPU_OVERRIDES
     from robolearn.train import TrainConfig
 
+    env_id = task_env(task, args.pixels)
+    env_kwargs = {**ENV_KWARGS, "image_size": args.image_size} if args.pixels else ENV_KWARGS
     name = env_id.split("/")[-1]
     res: dict = {"demo_success": [], "bc_success": [], "minutes": {m: [] for m in ("bc", *args.methods)}}
     for m in args.methods:
@@ -157,20 +167,21 @@ def bench_task(env_id: str, seeds: list[int], args, root: Path) -> dict:
     for seed in seeds:
         runs = root / name / f"seed{seed}"
         demos, recorded = runs / "demos", runs / "demos.json"
-        noise, fumble = DEMO_SETTINGS[env_id]
+        noise, fumble = DEMO_SETTINGS[TASKS[task]]
         noise = noise if args.noise is None else args.noise
         fumble = fumble if args.fumble is None else args.fumble
         # what the seed's runs depend on, but --frames: another value wipes them (--resume extends runs to more frames)
         setting = {"episodes": args.demos, "noise": noise, "fumble": fumble, "bc_updates": args.bc_updates,
-                   "bc": BC_OVERRIDES, "eval_every": args.eval_every, "eval_episodes": args.eval_episodes}
+                   "bc": BC_OVERRIDES, "eval_every": args.eval_every, "eval_episodes": args.eval_episodes,
+                   **({"env_kwargs": env_kwargs} if args.pixels else {})}  # the state runs' setting as it was
         if not (args.resume and recorded.exists() and json.loads(recorded.read_text())["setting"] == setting):
             shutil.rmtree(runs, ignore_errors=True)  # new demos: every run of this seed starts afresh
-            success = record_demos(env_id, ENV_KWARGS, demos, args.demos, seed, noise, fumble)
+            success = record_demos(env_id, env_kwargs, demos, args.demos, seed, noise, fumble)
             ckpt_io.write_json(recorded, {"setting": setting, "success": success})
         res["demo_success"].append(json.loads(recorded.read_text())["success"])
         res["demo_noise"], res["demo_fumble"] = noise, fumble
         common = dict(env=env_id, seed=seed, demos=str(demos), eval_episodes=args.eval_episodes, video=False,
-                      env_kwargs=ENV_KWARGS)
+                      env_kwargs=env_kwargs)
         out, _, minutes = run(TrainConfig(agent="diffusion", out=str(runs / "bc"), frames=args.bc_updates,
                                           eval_every=args.bc_updates, checkpoint_every=args.bc_updates,
                                           save_replay=False, agent_overrides=BC_OVERRIDES, **common), args.resume)
@@ -266,6 +277,9 @@ def main() -> None:
                                                       "per task, PickCube 0.2, PegInsert 0.3)")
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--eval-episodes", type=int, default=20)
+    parser.add_argument("--pixels", action="store_true", help="the image-based variant (front and wrist cameras plus "
+                                                                   "proprioception), meant for a GPU")
+    parser.add_argument("--image-size", type=int, default=128, help="--pixels: camera images' side (default 128)")
     parser.add_argument("--quick", action="store_true",
                         help="one seed, 2000 env steps per method, 3000 BC updates: a fast check that it all runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the base's sampling at "
@@ -278,10 +292,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.plot_only:
         for task in args.tasks:
-            name = TASKS[task].split("/")[-1]
+            name = task_env(task, args.pixels).split("/")[-1]
             print(plot_task(Path(args.out) / name, args.methods))
         return
-    for name in ("frames", "bc_updates", "demos", "eval_every", "eval_episodes", "threads"):
+    for name in ("frames", "bc_updates", "demos", "eval_every", "eval_episodes", "threads", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if (args.fumble is not None and not 0 <= args.fumble <= 1) or (args.noise is not None and args.noise < 0):
@@ -292,15 +306,16 @@ def main() -> None:
     import time
 
     t0 = time.perf_counter()
-    result = {"seeds": args.seeds, "frames_budget": args.frames, "bc_updates": args.bc_updates, "demos": args.demos,
+    result = {"pixels": args.pixels, **({"image_size": args.image_size} if args.pixels else {}),
+              "seeds": args.seeds, "frames_budget": args.frames, "bc_updates": args.bc_updates, "demos": args.demos,
               "methods": args.methods, "tasks": {}}
     for task in args.tasks:
-        res = bench_task(TASKS[task], args.seeds, args, Path(args.out))
+        res = bench_task(task, args.seeds, args, Path(args.out))
         tuned = [m for m in args.methods if m != "rlpd"]
         res["reached_90_every_seed"] = {m: None not in res[f"{m}_env_steps_to_90"] for m in tuned}
         if "rlpd" in args.methods:
             res["beats_rlpd"] = {m: beats_rlpd(res, m, args.frames) for m in tuned}
-        result["tasks"][TASKS[task]] = res
+        result["tasks"][task_env(task, args.pixels)] = res
     result["goal_met"] = len(args.seeds) >= GOAL_SEEDS and bool(result["tasks"]) and all(
         res.get("beats_rlpd") and all(res["beats_rlpd"].values()) and all(res["reached_90_every_seed"].values())
         for res in result["tasks"].values())

@@ -65,11 +65,13 @@ class DMCEnv(gym.Env):
         camera_id: int | None = None,
         render_mode: str | None = None,
         time_limit: float | None = None,
+        shadow_size: int | None = None,
     ):
         domain, task_name = parse_task(task)
         self.task = _ALIASES.get(task, task)
         self._name = name = f"DMCEnv({self.task})"
-        sizes = dict(image_size=image_size, frame_stack=frame_stack, action_repeat=action_repeat)
+        sizes = dict(image_size=image_size, frame_stack=frame_stack, action_repeat=action_repeat,
+                     shadow_size=shadow_size)
         for label, value in sizes.items():
             if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"{name}: {label} must be a positive int, got {value!r}")
@@ -87,6 +89,8 @@ class DMCEnv(gym.Env):
         if time_limit is not None:  # seconds of dm_control time; suite default: 1000 control steps
             task_kwargs["time_limit"] = time_limit
         self._env = suite.load(domain, task_name, task_kwargs=task_kwargs, visualize_reward=False)
+        if shadow_size is not None:  # before the first render, which sizes the shadow map (docs/dmc.md)
+            self._env.physics.model.vis.quality.shadowsize = int(shadow_size)
 
         spec = self._env.action_spec()
         lo, hi = np.asarray(spec.minimum, np.float64), np.asarray(spec.maximum, np.float64)
