@@ -1,6 +1,6 @@
 """EXPO: the update (critic over chunks, edit policy, the base's BC step), the on-the-fly policy's
 max-Q choice, the edit bound, self-contained checkpoints, the errors it raises, and the whole
-BC-then-EXPO path through the training loop."""
+BC-then-EXPO path through the training loop; DSRL and EXPO on a base with a camera."""
 
 from __future__ import annotations
 
@@ -312,3 +312,38 @@ def test_expo_trains_through_the_loop_from_a_bc_base_and_its_checkpoint_evaluate
         fine.close()
     assert result["env_steps"] == 40 and "rejected_actions" not in result
     evaluates_once(result["checkpoint"], "expo")
+
+
+CAMERA_SPACE = gym.spaces.Dict({"state": gym.spaces.Box(-np.inf, np.inf, (3,), np.float32),
+                                "images/front": gym.spaces.Box(0, 255, (32, 32, 3), np.uint8)})
+
+
+def test_dsrl_and_expo_update_and_act_on_a_camera_base(tmp_path):
+    """`bench/diffusion_finetune.py --pixels`'s path: a base with a camera conditions through its conv encoder, and
+    DSRL and EXPO, whose critics read the base's features, update (the actor changes) and act within bounds."""
+    from test_dsrl import tiny_cfg as dsrl_cfg
+
+    from robolearn.agents.dsrl import DSRLAgent
+
+    base = tiny_base(tmp_path / "base", CAMERA_SPACE)
+    g = torch.Generator().manual_seed(0)
+
+    def frames(n):
+        return torch.randint(0, 256, (n, TO, 32, 32, 3), dtype=torch.uint8, generator=g)
+
+    obs = {"state": np.zeros(3, np.float32), "images/front": np.full((32, 32, 3), 128, np.uint8)}
+    for agent, batch in ((DSRLAgent(CAMERA_SPACE, ACTIONS, dsrl_cfg(base), device="cpu"), chunk_batch(16)),
+                         (EXPOAgent(CAMERA_SPACE, ACTIONS, tiny_cfg(base), device="cpu"), expo_batch(16))):
+        for window in (batch["obs"], batch["next_obs"], *([batch["windows"]["obs"]] if "windows" in batch else [])):
+            window["images/front"] = frames(len(window["state"]))
+        before = params(agent.actor)
+        metrics = agent.update(batch, step=1)
+        assert changed(before, agent.actor) and np.isfinite(metrics["critic_loss"]), agent.name
+        acts = []
+        for value in (0, 255):  # the camera conditions what it does
+            agent.reset()
+            acts.append(agent.act({**obs, "images/front": np.full((32, 32, 3), value, np.uint8)}, explore=False))
+        assert not np.allclose(*acts), agent.name
+        agent.reset()
+        action = agent.act(obs, explore=True)
+        assert action.shape == ACTIONS.shape and np.all(np.abs(action) <= 1.0), (agent.name, action)
