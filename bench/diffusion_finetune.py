@@ -300,6 +300,8 @@ def main() -> None:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if (args.fumble is not None and not 0 <= args.fumble <= 1) or (args.noise is not None and args.noise < 0):
         parser.error("--fumble must be in [0, 1] and --noise at least 0")
+    if args.image_size != 128 and not args.pixels:
+        parser.error("--image-size is for --pixels")
     if args.quick:
         args.seeds, args.frames, args.bc_updates = args.seeds[:1], 2_000, min(args.bc_updates, 3_000)
     torch.set_num_threads(args.threads)

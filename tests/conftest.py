@@ -78,6 +78,7 @@ def reach_bc(tmp_path_factory):
     try:
         untrained, _, _ = evaluate(trainer.agent, trainer.eval_env, 10)
         result = trainer.run()
+        torch.set_num_threads(threads)  # before the tests: a session fixture leaves the thread count as it found it
         yield SimpleNamespace(demo_success=demo_success, untrained=untrained, result=result, agent=trainer.agent,
                               evals=[s for _steps, _ret, s, _t in trainer.history["eval"]],
                               observation_space=trainer.env.observation_space,

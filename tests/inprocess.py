@@ -21,15 +21,19 @@ def robolearn(*args: str, check: bool = True) -> SimpleNamespace:
     out, err = io.StringIO(), io.StringIO()
     # pytest records warnings instead of printing them; the command's (a damaged checkpoint skipped, ...) are
     # UserWarnings that its user reads on stderr, formatted by the command (after its own output, here).
-    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
-            contextlib.redirect_stderr(err):
-        warnings.simplefilter("always")
-        try:
-            code = main(list(args))
-        except SystemExit as exit_:  # argparse's errors and --help
-            code = exit_.code
-    err.writelines(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
-                   for w in caught if issubclass(w.category, UserWarning))
+    formatwarning = warnings.formatwarning  # commands set their own (robolearn.cli._plain_warnings)
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            warnings.simplefilter("always")
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:  # argparse's errors and --help
+                code = exit_.code
+        err.writelines(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+                       for w in caught if issubclass(w.category, UserWarning))
+    finally:
+        warnings.formatwarning = formatwarning
     proc = SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -17,7 +17,7 @@ from robolearn.checkpoint import CheckpointError, load_checkpoint, resolve
 # 5 again (ones), SIGKILLing itself just before the kill_at-th file-system change (rename, replace, tree removal) of the
 # second save. One line per child: kill_at and its exit status (-9 when killed).
 RESAVE = r"""
-import os, shutil, signal, sys
+import os, shutil, signal, sys, traceback
 import torch
 from robolearn import checkpoint
 
@@ -44,8 +44,10 @@ for kill_at in range(1, int(sys.argv[2]) + 1):
         try:
             resave(os.path.join(sys.argv[1], f"kill{kill_at}"), kill_at)
             code = 0
+        except BaseException:
+            traceback.print_exc()  # then exit status 1
         finally:
-            sys.stderr.flush()  # an exception's traceback, then exit status 1
+            sys.stderr.flush()
             os._exit(code)
     status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     print(kill_at, status, flush=True)
