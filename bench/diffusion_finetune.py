@@ -104,12 +104,12 @@ BC_OVERRIDES = {"lr": 1e-3, "warmup_steps": 100, "pred_horizon": 8, "action_hori
 # -- the bench ----------------------------------------------------------------------------------
 
 TASKS = {"pick": "robolearn/PandaPickCube-v0", "peg": "robolearn/PandaPegInsert-v0"}
+METHODS = ("dsrl", "expo", "rlpd")
 
 
 def task_env(task: str, pixels: bool) -> str:
     """The env id of a --tasks name: its state env, or with `pixels` the same task's cameras env."""
     return TASKS[task].replace("-v0", "Pixels-v0") if pixels else TASKS[task]
-METHODS = ("dsrl", "expo", "rlpd")
 
 
 def to_90(history: dict) -> int | None:

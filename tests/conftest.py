@@ -54,7 +54,7 @@ def reach_bc(tmp_path_factory):
     """Diffusion BC on 20 scripted PandaReach demos through `Trainer` (1500 updates at batch 128, lr 1e-3, one thread,
     an evaluation of 10 episodes every 500), as `robolearn train --agent diffusion` trains one: trained once for the
     learning test (tests/test_learning.py) and the deploy test (tests/test_deploy_diffusion.py), which LEARNING keeps on
-    one worker. Yields the untrained policy's success, the run's result and evaluations, and the trained agent.
+    one worker. Returns the untrained policy's success, the run's result and evaluations, and the trained agent.
     Chi's lr 1e-4 needs far more than a test's few thousand updates on 20 demos."""
     from types import SimpleNamespace
 
@@ -78,14 +78,12 @@ def reach_bc(tmp_path_factory):
     try:
         untrained, _, _ = evaluate(trainer.agent, trainer.eval_env, 10)
         result = trainer.run()
-        torch.set_num_threads(threads)  # before the tests: a session fixture leaves the thread count as it found it
-        yield SimpleNamespace(demo_success=demo_success, untrained=untrained, result=result, agent=trainer.agent,
-                              evals=[s for _steps, _ret, s, _t in trainer.history["eval"]],
-                              observation_space=trainer.env.observation_space,
-                              action_dim=trainer.env.action_space.shape[0])
     finally:
-        trainer.close()
-        torch.set_num_threads(threads)
+        trainer.close()  # its envs; the agent stays usable
+        torch.set_num_threads(threads)  # before the tests: the fixture leaves the thread count as it found it
+    return SimpleNamespace(demo_success=demo_success, untrained=untrained, result=result, agent=trainer.agent,
+                           evals=[s for _steps, _ret, s, _t in trainer.history["eval"]],
+                           observation_space=trainer.env.observation_space, action_dim=trainer.env.action_space.shape[0])
 
 
 @pytest.fixture

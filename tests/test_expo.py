@@ -341,10 +341,8 @@ def test_dsrl_and_expo_update_and_act_on_a_camera_base(tmp_path):
         assert changed(before, agent.actor) and np.isfinite(metrics["critic_loss"]), agent.name
         acts = []
         for value in (0, 0, 255):  # the same image twice acts the same; another image, otherwise
-            for gen in ("act_gen",):  # the draws acting makes (EXPO's base samples) start alike each time
-                for owner in (agent, agent.base):
-                    if hasattr(owner, gen):
-                        getattr(owner, gen).manual_seed(0)
+            for owner in (agent, agent.base):  # the draws acting makes (EXPO's base samples) start alike each time
+                owner.act_gen.manual_seed(0)
             agent.reset()
             acts.append(agent.act({**obs, "images/front": np.full((32, 32, 3), value, np.uint8)}, explore=False))
         assert np.allclose(acts[0], acts[1]) and not np.allclose(acts[0], acts[2]), (agent.name, acts)
